@@ -1,0 +1,1 @@
+"""Scoring service: heuristic quality rules, Ask-LLM and perplexity, with keep policies."""
