@@ -58,8 +58,12 @@ def generate(out: Path) -> None:
 
 def _same_tree(a: Path, b: Path) -> list[str]:
     diffs: list[str] = []
-    names_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    names_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    names_a = {
+        p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+    names_b = {
+        p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
     for name in sorted(names_a ^ names_b):
         diffs.append(f"only in one tree: {name}")
     for name in sorted(names_a & names_b):

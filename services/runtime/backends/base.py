@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from services.runtime.settings import StrictModel
 
 BackendName = Literal["torch", "vllm"]
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(StrictModel):
     """Which model, on which engine, with which numeric and batching limits."""
 
     model: str = Field(

@@ -1,0 +1,67 @@
+"""Protobuf <-> domain conversion: the only place that knows both shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from services.gen.sluice.common.v1 import sample_pb2
+from services.runtime.domain import Action, LineageEvent, Sample
+from services.runtime.errors import InvalidArgument
+
+
+def sample_from_proto(msg: sample_pb2.Sample) -> Sample:
+    return Sample(
+        id=msg.id,
+        text=msg.text,
+        prompt=msg.prompt,
+        response=msg.response,
+        source=msg.source,
+        metadata=dict(msg.metadata),
+        scores=dict(msg.scores),
+        lineage=[
+            LineageEvent(
+                stage=e.stage,
+                action=Action(e.action) if e.action in Action._value2member_map_ else Action.KEPT,
+                reason=e.reason,
+                model_version=e.model_version,
+                timestamp_ms=e.timestamp_ms,
+                parent_id=e.parent_id,
+            )
+            for e in msg.lineage
+        ],
+    )
+
+
+def sample_to_proto(sample: Sample) -> sample_pb2.Sample:
+    msg = sample_pb2.Sample(
+        id=sample.id,
+        text=sample.text,
+        prompt=sample.prompt,
+        response=sample.response,
+        source=sample.source,
+    )
+    msg.metadata.update(sample.metadata)
+    msg.scores.update(sample.scores)
+    for e in sample.lineage:
+        msg.lineage.add(
+            stage=e.stage,
+            action=int(e.action),  # type: ignore[arg-type]
+            reason=e.reason,
+            model_version=e.model_version,
+            timestamp_ms=e.timestamp_ms,
+            parent_id=e.parent_id,
+        )
+    return msg
+
+
+def validate_samples(samples: Iterable[Sample]) -> None:
+    """Reject what no stage can process: missing ids, duplicate ids, no content."""
+    seen: set[str] = set()
+    for i, s in enumerate(samples):
+        if not s.id:
+            raise InvalidArgument(f"sample #{i} has no id")
+        if s.id in seen:
+            raise InvalidArgument(f"duplicate sample id {s.id!r} in one batch")
+        seen.add(s.id)
+        if not s.content.strip():
+            raise InvalidArgument(f"sample {s.id!r} has no text (nor prompt/response)")

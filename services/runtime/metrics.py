@@ -1,0 +1,135 @@
+"""Prometheus metrics of throughput and per-stage retention.
+
+One ``StageMetrics`` per process, on its own registry (no global state), served
+over HTTP by ``serve_metrics``. Names follow Prometheus conventions; the
+``stage`` label is the service stage ("scoring"), ``step`` a sub-step inside it
+("heuristics", "ask_llm"); ``reason`` values come from a fixed set of rule names,
+never from sample data, so label cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from services.runtime.domain import Outcome
+
+# Score histograms: buckets per signal, since a probability and a perplexity live
+# on different scales. Unknown signals get the unit-interval buckets.
+UNIT_BUCKETS: tuple[float, ...] = tuple(round(i / 20, 2) for i in range(1, 21))
+LOG_BUCKETS: tuple[float, ...] = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, math.inf)
+SCORE_BUCKETS: dict[str, tuple[float, ...]] = {"perplexity": LOG_BUCKETS}
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class StageMetrics:
+    """Counters and histograms for one service stage."""
+
+    def __init__(self, stage: str, registry: CollectorRegistry | None = None) -> None:
+        self.stage = stage
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.samples_in = Counter(
+            "sluice_stage_samples_in", "Samples received by the stage.", ["stage"], registry=r
+        )
+        self.samples_out = Counter(
+            "sluice_stage_samples_out",
+            "Samples the stage kept and forwarded.",
+            ["stage"],
+            registry=r,
+        )
+        self.samples_dropped = Counter(
+            "sluice_stage_samples_dropped",
+            "Samples dropped, by reason ('<step>:<rule>').",
+            ["stage", "reason"],
+            registry=r,
+        )
+        self.tokens_in = Counter(
+            "sluice_stage_tokens_in", "Whitespace tokens received.", ["stage"], registry=r
+        )
+        self.tokens_out = Counter(
+            "sluice_stage_tokens_out", "Whitespace tokens forwarded.", ["stage"], registry=r
+        )
+        self.step_samples = Counter(
+            "sluice_step_samples",
+            "Samples seen by a step inside a stage, by outcome.",
+            ["stage", "step", "outcome"],
+            registry=r,
+        )
+        self.batches = Counter("sluice_stage_batches", "Batches processed.", ["stage"], registry=r)
+        self.dead_letters = Counter(
+            "sluice_stage_dead_letters",
+            "Messages sent to the dead-letter topic, by reason.",
+            ["stage", "reason"],
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "sluice_stage_batch_seconds",
+            "Time to process one batch (decode to acknowledged output).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "sluice_stage_consumer_lag",
+            "Messages behind the partition high watermark.",
+            ["stage", "topic", "partition"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "sluice_grpc_requests",
+            "gRPC requests by method and status code.",
+            ["stage", "method", "code"],
+            registry=r,
+        )
+        self._scores: dict[str, Histogram] = {}
+
+    def score_histogram(self, signal: str) -> Histogram:
+        h = self._scores.get(signal)
+        if h is None:
+            h = Histogram(
+                f"sluice_score_{signal}",
+                f"Distribution of the '{signal}' score.",
+                ["stage"],
+                buckets=SCORE_BUCKETS.get(signal, UNIT_BUCKETS),
+                registry=self.registry,
+            )
+            self._scores[signal] = h
+        return h
+
+    def observe_outcomes(self, outcomes: Sequence[Outcome], signals: Iterable[str]) -> None:
+        """Record a processed batch: in/out/dropped counts, tokens and scores."""
+        st = self.stage
+        kept_tokens = 0
+        in_tokens = 0
+        kept = 0
+        sigs = list(signals)
+        for o in outcomes:
+            n = len(o.sample.content.split())
+            in_tokens += n
+            if o.kept:
+                kept += 1
+                kept_tokens += n
+            else:
+                self.samples_dropped.labels(st, o.reason or "unspecified").inc()
+            for sig in sigs:
+                v = o.sample.scores.get(sig)
+                if v is not None and math.isfinite(v):
+                    self.score_histogram(sig).labels(st).observe(v)
+        self.samples_in.labels(st).inc(len(outcomes))
+        self.samples_out.labels(st).inc(kept)
+        self.tokens_in.labels(st).inc(in_tokens)
+        self.tokens_out.labels(st).inc(kept_tokens)
+
+    def observe_step(self, step: str, n_in: int, n_kept: int) -> None:
+        self.step_samples.labels(self.stage, step, "in").inc(n_in)
+        self.step_samples.labels(self.stage, step, "kept").inc(n_kept)
+
+
+def serve_metrics(metrics: StageMetrics, host: str, port: int) -> tuple[WSGIServer, int]:
+    """Start the /metrics HTTP server in a daemon thread; returns it and its port."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, server.server_port
