@@ -1,0 +1,211 @@
+"""The scoring core: heuristic rules, then perplexity, then Ask-LLM, each with a
+keep policy. Pure logic on domain objects; the gRPC servicer, the Kafka stage
+and the local runner all call ``ScoringCore.score``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from services.runtime.backends.base import LMBackend
+from services.runtime.domain import Action, LineageEvent, Outcome, Sample
+from services.runtime.errors import InvalidArgument
+from services.scoring.heuristics import HeuristicFilter
+from services.scoring.prompts import (
+    answer_token_ids,
+    build_ask_llm_prompt,
+    normalized_yes_probability,
+)
+from services.scoring.quantile import TopFractionFilter
+from services.scoring.settings import STEP_ORDER, ScoringSettings, SignalPolicy, Step
+
+STAGE = "scoring"
+LLM_STEPS: frozenset[str] = frozenset({"perplexity", "ask_llm"})
+HIGHER_IS_BETTER = {"ask_llm": True, "perplexity": False}
+
+
+@dataclass(frozen=True, slots=True)
+class StepCount:
+    """Samples entering a step and kept by it (derived from outcomes)."""
+
+    step: str
+    samples_in: int
+    samples_kept: int
+
+
+class ScoringCore:
+    """Scores samples and applies the keep policies.
+
+    The LM backend is created on first use so that a heuristics-only
+    configuration never loads a model.
+    """
+
+    def __init__(
+        self, settings: ScoringSettings, backend: LMBackend | Callable[[], LMBackend] | None = None
+    ) -> None:
+        self.settings = settings
+        self.heuristics = HeuristicFilter(settings.heuristics)
+        self._backend_or_factory = backend
+        self._backend: LMBackend | None = None
+        self._lock = threading.Lock()
+        self._answer_ids: tuple[list[int], list[int]] | None = None
+        self._filters: dict[str, TopFractionFilter] = {}
+        # Cumulative seconds per step, for run reports (not for decisions).
+        self.step_seconds: dict[str, float] = dict.fromkeys(STEP_ORDER, 0.0)
+        for step in ("ask_llm", "perplexity"):
+            pol = self._policy(step)
+            if pol.mode == "top_fraction":
+                self._filters[step] = TopFractionFilter(pol.top_fraction, HIGHER_IS_BETTER[step])
+
+    # -- configuration ---------------------------------------------------
+    @property
+    def steps(self) -> list[Step]:
+        return [s for s in STEP_ORDER if s in self.settings.steps]
+
+    @property
+    def signals(self) -> list[str]:
+        return [s for s in self.steps if s in LLM_STEPS]
+
+    def _policy(self, step: str) -> SignalPolicy:
+        return (
+            self.settings.ask_llm.policy if step == "ask_llm" else self.settings.perplexity.policy
+        )
+
+    @property
+    def backend(self) -> LMBackend:
+        with self._lock:
+            if self._backend is None:
+                src = self._backend_or_factory
+                if src is None:
+                    from services.runtime.backends.factory import create_backend
+
+                    self._backend = create_backend(self.settings.model)
+                elif callable(src) and not hasattr(src, "next_token_logprobs"):
+                    self._backend = src()
+                else:
+                    self._backend = src  # type: ignore[assignment]
+            backend = self._backend
+            assert backend is not None
+            return backend
+
+    @property
+    def model_version(self) -> str:
+        if not any(s in LLM_STEPS for s in self.steps):
+            return "heuristics"
+        return self.backend.model_version
+
+    def resolve_steps(self, requested: Sequence[str]) -> list[Step]:
+        """The steps a request asks for, validated, in canonical order."""
+        if not requested:
+            return self.steps
+        unknown = sorted(set(requested) - set(STEP_ORDER))
+        if unknown:
+            raise InvalidArgument(f"unknown signals {unknown}; known: {list(STEP_ORDER)}")
+        return [s for s in STEP_ORDER if s in requested]
+
+    # -- the work --------------------------------------------------------
+    def process(self, samples: list[Sample]) -> list[Outcome]:
+        """The Kafka/local entry point: configured steps, policies applied."""
+        return self.score(samples)
+
+    def score(
+        self, samples: list[Sample], steps: Sequence[str] = (), apply_policy: bool = True
+    ) -> list[Outcome]:
+        """Run ``steps`` (default: configured) over ``samples``; one outcome each, in order.
+
+        A sample dropped by one step is not shown to later (more expensive) steps.
+        """
+        run = self.resolve_steps(steps)
+        reasons: list[str] = [""] * len(samples)
+        for step in run:
+            alive = [i for i, r in enumerate(reasons) if not r]
+            if not alive:
+                break
+            batch = [samples[i] for i in alive]
+            t0 = time.perf_counter()
+            if step == "heuristics":
+                verdicts = self._heuristics(batch)
+            elif step == "perplexity":
+                verdicts = self._perplexity(batch)
+            else:
+                verdicts = self._ask_llm(batch)
+            self.step_seconds[step] += time.perf_counter() - t0
+            if not apply_policy:
+                continue
+            for i, why in zip(alive, verdicts, strict=True):
+                if why:
+                    reasons[i] = f"{step}:{why}"
+        version = self.model_version if any(s in LLM_STEPS for s in run) else "heuristics"
+        outcomes = []
+        for s, why in zip(samples, reasons, strict=True):
+            s.lineage.append(
+                LineageEvent(
+                    stage=STAGE,
+                    action=Action.DROPPED if why else Action.KEPT,
+                    reason=why,
+                    model_version=version,
+                )
+            )
+            outcomes.append(Outcome(sample=s, kept=not why, reason=why))
+        return outcomes
+
+    def _heuristics(self, batch: list[Sample]) -> list[str]:
+        out = []
+        for s in batch:
+            res = self.heuristics.evaluate(s.content)
+            out.append(res.failed[0] if res.failed else "")
+        return out
+
+    def _perplexity(self, batch: list[Sample]) -> list[str]:
+        nlls = self.backend.sequence_nll([s.content for s in batch])
+        scores = [n.perplexity for n in nlls]
+        for s, v in zip(batch, scores, strict=True):
+            s.scores["perplexity"] = v
+        return self._apply("perplexity", scores)
+
+    def _ask_llm(self, batch: list[Sample]) -> list[str]:
+        be = self.backend
+        if self._answer_ids is None:
+            self._answer_ids = answer_token_ids(be)
+        yes, no = self._answer_ids
+        budget = self.settings.model.max_tokens
+        prompts = [
+            be.render_chat(
+                build_ask_llm_prompt(be.truncate(s.content, budget), self.settings.ask_llm.question)
+            )
+            for s in batch
+        ]
+        lp = be.next_token_logprobs(prompts, yes + no)
+        probs = normalized_yes_probability(lp, len(yes))
+        for s, v in zip(batch, probs, strict=True):
+            s.scores["ask_llm"] = float(v)
+        return self._apply("ask_llm", [float(v) for v in probs])
+
+    def _apply(self, step: str, scores: list[float]) -> list[str]:
+        pol = self._policy(step)
+        if pol.mode == "annotate":
+            return [""] * len(scores)
+        if pol.mode == "top_fraction":
+            keep = self._filters[step].decide(scores)
+            return ["" if k else "below_top_fraction" for k in keep]
+        if HIGHER_IS_BETTER[step]:
+            return ["" if v >= pol.threshold else "below_threshold" for v in scores]
+        return ["" if v <= pol.threshold else "above_threshold" for v in scores]
+
+
+def step_counts(outcomes: Sequence[Outcome], steps: Sequence[str]) -> list[StepCount]:
+    """Per-step retention, derived from drop reasons (steps run in sequence)."""
+    alive = len(outcomes)
+    dropped_by = {s: 0 for s in steps}
+    for o in outcomes:
+        if not o.kept and o.step in dropped_by:
+            dropped_by[o.step] += 1
+    out = []
+    for s in steps:
+        kept = alive - dropped_by[s]
+        out.append(StepCount(s, alive, kept))
+        alive = kept
+    return out

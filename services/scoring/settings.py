@@ -1,0 +1,85 @@
+"""Typed settings of the scoring service (env prefix ``SLUICE_SCORING_``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.runtime.backends.base import ModelSettings
+from services.runtime.settings import ServiceSettings, StrictModel
+from services.scoring.heuristics import HeuristicSettings
+from services.scoring.prompts import ASK_LLM_QUESTION
+
+Step = Literal["heuristics", "perplexity", "ask_llm"]
+# The order steps run in, cheapest first: rules drop obvious junk before any
+# model sees it.
+STEP_ORDER: tuple[Step, ...] = ("heuristics", "perplexity", "ask_llm")
+
+
+class SignalPolicy(StrictModel):
+    """What a model score does to a sample."""
+
+    mode: Literal["annotate", "threshold", "top_fraction"] = Field(
+        "annotate",
+        description="'annotate': record the score, keep everything; 'threshold': keep by a "
+        "fixed cut; 'top_fraction': keep the best fraction of the stream so far (streaming "
+        "P² quantile estimate).",
+    )
+    threshold: float = Field(
+        0.5,
+        description="For 'threshold': ask_llm keeps P(yes) >= threshold; perplexity keeps "
+        "perplexity <= threshold.",
+    )
+    top_fraction: float = Field(0.5, gt=0, le=1, description="For 'top_fraction': share kept.")
+
+
+class AskLLMSettings(StrictModel):
+    """Ask-LLM: the question and the keep policy."""
+
+    question: str = Field(
+        ASK_LLM_QUESTION, description="The question after the ### fences (the paper's by default)."
+    )
+    policy: SignalPolicy = Field(
+        default_factory=lambda: SignalPolicy(mode="annotate"),
+        description="Default 'annotate': the packaged 135M model does not separate good text "
+        "from junk (see README); set 'threshold'/'top_fraction' with a 2B+ instruct model.",
+    )
+
+
+class PerplexitySettings(StrictModel):
+    """Perplexity: the keep policy (lower is better)."""
+
+    policy: SignalPolicy = Field(
+        default_factory=lambda: SignalPolicy(mode="threshold", threshold=200.0),
+        description="Default: drop text the model finds incoherent (perplexity > 200 under the "
+        "packaged SmolLM2-135M; real news prose measures ~10-60, shuffled words ~1,000+). "
+        "Re-derive the cut when changing the model.",
+    )
+
+
+class ScoringSettings(ServiceSettings):
+    """Everything the scoring service reads: model, steps, and per-step policies."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_SCORING_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    steps: list[Step] = Field(
+        default_factory=lambda: list(STEP_ORDER),
+        description="Steps to run; they always run in the order heuristics, perplexity, ask_llm.",
+    )
+    model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
+    heuristics: HeuristicSettings = Field(default_factory=HeuristicSettings)
+    ask_llm: AskLLMSettings = Field(default_factory=AskLLMSettings)
+    perplexity: PerplexitySettings = Field(default_factory=PerplexitySettings)
+    dropped_topic: str = Field(
+        "", description="If set, dropped samples (with their lineage) are written here for audit."
+    )
+
+    @model_validator(mode="after")
+    def _steps_known_and_unique(self) -> ScoringSettings:
+        if len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"steps repeat: {self.steps}")
+        return self
