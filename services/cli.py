@@ -1,0 +1,216 @@
+"""The ``sluice`` command: local runs, the demo, service processes, publishing.
+
+sluice demo [--out DIR]                 build the demo corpus and curate it
+sluice run INPUT --out DIR [--config]   curate a JSONL/Parquet file in process
+sluice serve scoring [serve|worker|all] run a service (gRPC and/or Kafka worker)
+sluice publish INPUT --topic T          publish a corpus to a Kafka ingest topic
+sluice topics T [T ...]                 create Kafka topics (idempotent)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Models load from installed packages or local paths unless a hub is explicitly allowed.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from services.runtime.errors import SluiceError
+
+
+def _load_run_settings(config: str | None, steps: str | None):  # type: ignore[no-untyped-def]
+    import yaml
+
+    from services.local.runner import RunSettings
+
+    data: dict[str, object] = {}
+    if config:
+        p = Path(config)
+        if not p.is_file():
+            raise SluiceError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+    settings = RunSettings.model_validate(data)
+    if steps:
+        settings.scoring.steps = [s.strip() for s in steps.split(",") if s.strip()]  # type: ignore[misc]
+        settings = RunSettings.model_validate(settings.model_dump())
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.local.runner import run_local
+
+    settings = _load_run_settings(args.config, args.steps)
+    report = run_local(Path(args.input), Path(args.out), settings, progress=not args.no_progress)
+    _print_summary(report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo.corpus import build_demo_corpus, write_jsonl
+    from services.local.runner import run_local
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "input.jsonl"
+    n = write_jsonl(build_demo_corpus(seed=args.seed), corpus)
+    print(f"demo corpus: {n} documents (real news text from gensim + generated junk) -> {corpus}")
+    settings = _load_run_settings(args.config, args.steps)
+    report = run_local(corpus, out, settings, progress=not args.no_progress)
+    _print_summary(report)
+    return 0
+
+
+def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
+    print(
+        f"\nkept {report.samples_kept}/{report.samples_in} samples "
+        f"({report.retention:.1%}) in {report.seconds:.1f}s  model={report.model_version}"
+    )
+    print(f"{'step':<12}{'in':>8}{'kept':>8}{'retention':>11}{'seconds':>9}  top drop reasons")
+    for st in report.steps:
+        top = ", ".join(
+            f"{k}={v}" for k, v in sorted(st.drop_reasons.items(), key=lambda kv: -kv[1])[:3]
+        )
+        print(
+            f"{st.name:<12}{st.samples_in:>8}{st.samples_kept:>8}{st.retention:>10.1%}"
+            f"{st.seconds:>9.1f}  {top}"
+        )
+    if report.by_label:
+        print(f"\n{'label':<20}{'in':>6}{'kept':>6}")
+        for k, v in report.by_label.items():
+            print(f"{k:<20}{v['in']:>6}{v['kept']:>6}")
+    for sig, summ in report.scores.items():
+        print(
+            f"score {sig}: mean={summ['mean']:.3g} p10={summ['p10']:.3g} "
+            f"p50={summ['p50']:.3g} p90={summ['p90']:.3g}"
+        )
+    print(f"\nwrote {report.output_dir}/kept.jsonl, scores.jsonl, report.json, report.png")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.service != "scoring":
+        raise SluiceError(f"unknown service {args.service!r}; available: scoring")
+    from services.scoring.__main__ import main as scoring_main
+
+    return scoring_main([args.mode] + (["--config", args.config] if args.config else []))
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from kafka import KafkaProducer
+    from tqdm import tqdm
+
+    from services.local.runner import RunSettings, count_lines, read_records
+    from services.runtime.codec import BatchCodec
+    from services.runtime.kafka_stage import ensure_topics, publish
+
+    path = Path(args.input)
+    if not path.is_file():
+        raise SluiceError(f"input not found: {path}")
+    ensure_topics(args.bootstrap, [args.topic], partitions=args.partitions)
+    producer = KafkaProducer(
+        bootstrap_servers=args.bootstrap.split(","),
+        acks="all",
+        max_request_size=args.max_message_bytes + 65536,
+    )
+    bad = 0
+
+    def samples():  # type: ignore[no-untyped-def]
+        nonlocal bad
+        for rec in read_records(path, RunSettings()):
+            if rec.sample is None:
+                bad += 1
+                continue
+            yield rec.sample
+
+    with tqdm(total=count_lines(path), unit="doc", desc=f"publish {args.topic}") as bar:
+        n = publish(
+            producer,
+            args.topic,
+            samples(),
+            batch_size=args.batch_size,
+            codec=BatchCodec(args.max_message_bytes),
+            batch_prefix=path.stem + "-",
+            on_batch=bar.update,
+        )
+    producer.close()
+    print(f"published {n} batches to {args.topic}; skipped {bad} invalid records")
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from services.runtime.kafka_stage import ensure_topics
+
+    ensure_topics(args.bootstrap, args.topics, partitions=args.partitions)
+    print("ok:", ", ".join(args.topics))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="sluice", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common_run(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML run settings (stages, scoring: {...})")
+        p.add_argument(
+            "--steps", help="scoring steps, comma-separated (default heuristics,perplexity,ask_llm)"
+        )
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("run", help="curate a JSONL/Parquet file in process")
+    p.add_argument("input")
+    p.add_argument("--out", required=True, help="output directory")
+    common_run(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", help="curate the shipped demo corpus")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--seed", type=int, default=0)
+    common_run(p)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("serve", help="run a service process")
+    p.add_argument("service", choices=["scoring"])
+    p.add_argument("mode", nargs="?", default="all", choices=["serve", "worker", "all"])
+    p.add_argument("--config")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("publish", help="publish a JSONL/Parquet corpus to a Kafka topic")
+    p.add_argument("input")
+    p.add_argument("--topic", default="sluice.ingest")
+    p.add_argument(
+        "--bootstrap", default=os.environ.get("SLUICE_KAFKA_BOOTSTRAP", "localhost:9092")
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="samples per Kafka message")
+    p.add_argument("--partitions", type=int, default=4, help="partitions if the topic is created")
+    p.add_argument("--max-message-bytes", type=int, default=8 * 1024 * 1024)
+    p.set_defaults(fn=cmd_publish)
+
+    p = sub.add_parser("topics", help="create Kafka topics if missing")
+    p.add_argument("topics", nargs="+")
+    p.add_argument(
+        "--bootstrap", default=os.environ.get("SLUICE_KAFKA_BOOTSTRAP", "localhost:9092")
+    )
+    p.add_argument("--partitions", type=int, default=4)
+    p.set_defaults(fn=cmd_topics)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args))
+    except SluiceError as exc:
+        print(f"sluice: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
