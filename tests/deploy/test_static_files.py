@@ -1,0 +1,371 @@
+"""The deployment files checked without a cluster: the Tiltfile evaluates as Starlark with
+Tilt's built-ins stubbed, the chart's values satisfy values.schema.json and are documented,
+Chart.yaml matches the package; with a helm binary (PATH or $HELM) the rendered manifests
+are checked for Restricted Pod Security settings, probes, ports and a config file the
+service accepts."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "sluice"
+TILTFILE = ROOT / "Tiltfile"
+
+# Tilt built-ins the Tiltfile may call. Each stub records (name, args, kwargs) in _calls and
+# returns the record, so values flow on (helm() -> k8s_yaml()) and stay inspectable.
+# `read_yaml` returns its default: a developer's tilt-settings.yaml must not change the test.
+TILT_BUILTINS = (
+    "allow_k8s_contexts",
+    "default_registry",
+    "docker_build",
+    "custom_build",
+    "k8s_yaml",
+    "helm",
+    "k8s_resource",
+    "local_resource",
+    "local",
+    "sync",
+    "run",
+    "fall_back_on",
+    "initial_sync",
+    "port_forward",
+    "link",
+    "watch_file",
+    "update_settings",
+    "include",
+)
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _values() -> dict[str, Any]:
+    return _load_yaml(CHART / "values.yaml")
+
+
+def _schema() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values.schema.json").read_text())
+
+
+# -- Tiltfile ------------------------------------------------------------------------------
+
+
+def _starlark_source(text: str) -> str:
+    """The Tiltfile with stubs for Tilt's built-ins and its load()ed names.
+
+    starlark-go has no load(): each load statement is blanked (keeping line numbers) and
+    the names it imports become stubs. The stubs are lambdas on ONE line, joined to the
+    Tiltfile's first line when that is a comment, so error line numbers match the file.
+    """
+    loaded: list[str] = []
+
+    def _blank(m: re.Match[str]) -> str:
+        literals = re.findall(r'(?:(\w+)\s*=\s*)?"([^"]*)"', m.group(1))
+        # load("module", "name", alias = "name"): skip the module, bind names or aliases.
+        loaded.extend(alias or name for alias, name in literals[1:])
+        return "\n" * m.group(0).count("\n")
+
+    body = re.sub(r"(?ms)^load\((.*?)\)[ \t]*$", _blank, text)
+    names = sorted(set(TILT_BUILTINS) | set(loaded))
+    stubs = "; ".join(
+        f'{n} = lambda *a, **k: _record("{n}", a, k)' for n in names if n != "read_yaml"
+    )
+    prelude = (
+        "_calls = []; "
+        "_record = lambda n, a, k: _calls.append((n, a, k)) or (n, a, k); "
+        f"{stubs}; "
+        "read_yaml = lambda path, default = None: default"
+    )
+    first, _, rest = body.partition("\n")
+    if not first.strip() or first.lstrip().startswith("#"):
+        return f"{prelude}  {first}\n{rest}"
+    return f"{prelude}\n{body}"  # line numbers in errors are then off by one
+
+
+@pytest.fixture(scope="module")
+def tilt() -> dict[str, Any]:
+    starlark_go = pytest.importorskip(
+        "starlark_go", reason="starlark-go (dev extra) is not installed: pip install -e '.[dev]'"
+    )
+    # Tilt's dialect: top-level if/for, global reassignment, sets, recursion.
+    starlark_go.configure_starlark(allow_global_reassign=True, allow_set=True, allow_recursion=True)
+    interp = starlark_go.Starlark()
+    try:
+        interp.exec(_starlark_source(TILTFILE.read_text()), filename="Tiltfile")
+    except starlark_go.StarlarkError as exc:
+        pytest.fail(f"Tiltfile does not evaluate: {exc}")
+    calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
+    for name, args, kwargs in interp.get("_calls"):
+        calls.setdefault(name, []).append((args, kwargs))
+    return {
+        "SERVICES": interp.get("SERVICES"),
+        "settings": interp.get("settings"),
+        "globals": set(interp.globals()),
+        "calls": calls,
+    }
+
+
+def test_tiltfile_defines_services_and_enable_service(tilt: dict[str, Any]) -> None:
+    assert "enable_service" in tilt["globals"]
+    services = tilt["SERVICES"]
+    assert services, "SERVICES is empty"
+    for name, svc in services.items():
+        assert {"target", "image", "ports"} <= set(svc), name
+        assert set(svc["ports"]) == {"grpc", "metrics"}, name
+    # By default every service is enabled.
+    assert sorted(tilt["settings"]["enable_services"]) == sorted(services)
+
+
+def test_enable_service_runs_for_each_service(tilt: dict[str, Any]) -> None:
+    services, calls = tilt["SERVICES"], tilt["calls"]
+    builds = calls.get("docker_build_with_restart", []) + calls.get("docker_build", [])
+    assert sorted(args[0] for args, _ in builds) == sorted(s["image"] for s in services.values())
+    for args, kwargs in builds:
+        name = next(n for n, s in services.items() if s["image"] == args[0])
+        assert kwargs["target"] == services[name]["target"]
+        assert kwargs["build_args"]["SERVICE"] == name
+        # Code edits are synced into the editable install, not rebuilt.
+        assert ("sync", ("services", "/app/services"), {}) in kwargs["live_update"]
+
+    renders = calls["helm"]
+    assert len(renders) == len(services)
+    assert len(calls["k8s_yaml"]) == len(services)
+    enabled = set()
+    for args, kwargs in renders:
+        assert args[0] == "charts/sluice"
+        sets = kwargs["set"]
+        enabled |= {
+            m.group(1) for s in sets if (m := re.fullmatch(r"stages\.(\w+)\.enabled=true", s))
+        }
+        assert "securityContext.readOnlyRootFilesystem=false" in sets  # live_update must write
+    assert enabled == set(services)
+
+    resources = {kwargs["new_name"]: (args, kwargs) for args, kwargs in calls["k8s_resource"]}
+    assert set(resources) == set(services)
+    for name, (args, kwargs) in resources.items():
+        assert args[0] == f"sluice-{name}"  # the chart's Deployment name for release "sluice"
+        forwards = {(a[0], a[1]) for _, a, _ in kwargs["port_forwards"]}
+        ports = services[name]["ports"]
+        assert forwards == {(ports["grpc"], 50051), (ports["metrics"], 9100)}
+
+
+def test_tilt_services_exist_in_chart_and_code(tilt: dict[str, Any]) -> None:
+    stages = _values()["stages"]
+    allowed = _schema()["properties"]["stages"]["propertyNames"]["enum"]
+    for name in tilt["SERVICES"]:
+        assert name in stages, f"charts/sluice/values.yaml has no stages.{name}"
+        assert name in allowed, f"values.schema.json does not accept stage {name!r}"
+        assert (ROOT / "services" / name / "__main__.py").is_file(), name
+
+
+# -- values.yaml and its schema ------------------------------------------------------------
+
+
+def test_schema_is_valid_draft7() -> None:
+    jsonschema.Draft7Validator.check_schema(_schema())
+
+
+def test_values_validate_against_schema() -> None:
+    jsonschema.Draft7Validator(_schema()).validate(_values())
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("stages", "scoring", "mode"), "batch"),
+        (("stages", "scoring", "replica"), 2),  # typo
+        (("stages", "scoring", "gpus"), -1),
+        (("stages", "scoring", "topics", "input"), "has space"),
+        (("stages", "scoring", "image", "pullPolicy"), "Sometimes"),
+        (("stages", "density"), {}),  # no such service in the image
+        (("kafka", "bootstrapServers"), "kafka"),  # no port
+        (("stages", "scoring", "resources", "limits", "memory"), "lots"),
+    ],
+)
+def test_schema_rejects(path: tuple[str, ...], value: Any) -> None:
+    values = copy.deepcopy(_values())
+    node = values
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(_schema()).validate(values)
+
+
+def test_every_value_is_documented() -> None:
+    """Each leaf value has a `# --` comment block above it or above one of its parents."""
+    key_re = re.compile(r"^(\s*)([\w.\-/]+):(.*)$")
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    comment: list[str] = []
+    missing = []
+    for lineno, line in enumerate((CHART / "values.yaml").read_text().splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped)
+            continue
+        m = key_re.match(line)
+        if not m:
+            comment = []
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3).split(" #")[0].strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        documented = any(c.startswith("# --") for c in comment) or any(d for _, d in stack)
+        if rest and not documented:
+            missing.append(f"values.yaml:{lineno}: {key}")
+        stack.append((indent, documented))
+        comment = []
+    assert not missing, "undocumented values:\n" + "\n".join(missing)
+
+
+# -- Chart.yaml ----------------------------------------------------------------------------
+
+
+def test_chart_yaml() -> None:
+    chart = _load_yaml(CHART / "Chart.yaml")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["apiVersion"] == "v2"
+    assert chart["name"] == "sluice"
+    assert chart["type"] == "application"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
+    assert chart["appVersion"] == "0.1.0" == project["version"]
+    assert chart["description"]
+    for template in (
+        "_helpers.tpl",
+        "deployment.yaml",
+        "service.yaml",
+        "configmap.yaml",
+        "NOTES.txt",
+    ):
+        assert (CHART / "templates" / template).is_file(), template
+
+
+# -- rendered manifests (needs helm) ---------------------------------------------------------
+
+
+def _helm() -> str | None:
+    return os.environ.get("HELM") or shutil.which("helm")
+
+
+needs_helm = pytest.mark.skipif(
+    _helm() is None, reason="helm not found on PATH or in $HELM; rendered-manifest checks skipped"
+)
+
+
+def _render(*set_values: str) -> dict[tuple[str, str], dict[str, Any]]:
+    cmd = [str(_helm()), "template", "sluice", str(CHART), "--namespace", "curation"]
+    for s in set_values:
+        cmd += ["--set", s]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+@needs_helm
+def test_rendered_deployment_is_restricted_and_probed() -> None:
+    objs = _render()
+    assert set(objs) == {
+        ("ConfigMap", "sluice-scoring"),
+        ("Service", "sluice-scoring"),
+        ("Deployment", "sluice-scoring"),
+    }
+    deploy = objs[("Deployment", "sluice-scoring")]
+    assert deploy["metadata"]["namespace"] == "curation"
+    pod = deploy["spec"]["template"]["spec"]
+    assert (
+        deploy["spec"]["selector"]["matchLabels"].items()
+        <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+    # Restricted Pod Security Standard.
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 10001
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert not any("hostPath" in v for v in pod["volumes"])
+
+    # Native gRPC health probes on the service port; metrics port named for scraping.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": 50051}, probe
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9100}
+
+    # The config file is mounted where --config points; the writable paths are volumes.
+    assert container["args"] == ["all", "--config", "/etc/sluice/config.yaml"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert mounts["/etc/sluice"] == "config"
+    assert {"/tmp", env["HOME"], env["XDG_CACHE_HOME"]} <= set(mounts)
+    assert env["SLUICE_SERVICE"] == "scoring"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "sluice-scoring"
+
+    service = objs[("Service", "sluice-scoring")]
+    assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
+
+
+@needs_helm
+def test_rendered_config_is_accepted_by_the_service(tmp_path: Path) -> None:
+    from services.runtime.settings import load_settings
+    from services.scoring.settings import ScoringSettings
+
+    objs = _render(
+        "kafka.bootstrapServers=b1:9092\\,b2:9092",
+        "stages.scoring.config.kafka.max_poll_records=2",
+        "stages.scoring.config.grpc.port=1",
+    )  # chart-owned: overridden
+    path = tmp_path / "config.yaml"
+    path.write_text(objs[("ConfigMap", "sluice-scoring")]["data"]["config.yaml"])
+    settings = load_settings(ScoringSettings, path)
+    assert settings.kafka.bootstrap_servers == "b1:9092,b2:9092"
+    assert settings.kafka.input_topic == "sluice.ingest"
+    assert settings.kafka.output_topic == "sluice.scored"
+    assert settings.kafka.group_id == "sluice-scoring"
+    assert settings.kafka.max_poll_records == 2
+    assert (settings.grpc.port, settings.metrics.port) == (50051, 9100)
+
+
+@needs_helm
+def test_rendered_worker_mode_and_gpu() -> None:
+    objs = _render(
+        "stages.scoring.mode=worker",
+        "stages.scoring.gpus=1",
+        "stages.scoring.modelCache.existingClaim=models",
+    )
+    pod = objs[("Deployment", "sluice-scoring")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # No gRPC server in worker mode: probed over the metrics endpoint instead.
+    assert [p["name"] for p in container["ports"]] == ["metrics"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "metrics", probe
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "models"
+    service = objs[("Service", "sluice-scoring")]
+    assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
+
+
+@needs_helm
+def test_helm_enforces_the_schema() -> None:
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        _render("stages.scoring.mode=batch")
+    assert "mode" in err.value.stderr

@@ -1,0 +1,50 @@
+"""Helpers for tests that read topics on the real broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from kafka import KafkaConsumer
+
+from services.runtime.codec import BatchCodec, DecodedBatch
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def read_topic(
+    bootstrap: str, topic: str, *, expect: int, timeout_s: float = 60, count=lambda msg: 1
+) -> list:  # type: ignore[no-untyped-def]
+    """Read ``topic`` from the beginning until ``count`` over messages reaches
+    ``expect`` (or the timeout), then keep reading 1 s more to catch extras."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=[bootstrap],
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    out = []
+    seen = 0
+    deadline = time.monotonic() + timeout_s
+    extra_until = None
+    try:
+        while time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                for r in records:
+                    out.append(r)
+                    seen += count(r)
+            if seen >= expect and extra_until is None:
+                extra_until = time.monotonic() + 1.0
+            if extra_until is not None and time.monotonic() > extra_until:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def decode_all(records: list) -> list[DecodedBatch]:  # type: ignore[type-arg]
+    codec = BatchCodec()
+    return [codec.decode(r.value, r.headers) for r in records]
