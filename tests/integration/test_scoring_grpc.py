@@ -27,7 +27,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GOOD = (
     "The central bank raised interest rates by a quarter of a percentage point on Tuesday, "
-    "citing persistent inflation in services and a tight labour market across the country."
+    "citing persistent inflation in services and a tight labour market across the country. "
+    "Officials said the decision was unanimous and that further increases remain possible if "
+    "wage growth does not slow in the coming months. Economists had expected the move, and "
+    "markets reacted calmly, with the currency little changed against the dollar by the close."
 )
 JUNK = "click here click here $$$ ### ### buy now"
 
