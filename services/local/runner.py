@@ -118,6 +118,8 @@ def run_local(
         raise InvalidArgument(f"input not found: {input_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
     core = core or ScoringCore(settings.scoring)
+    if core.signals:
+        _ = core.backend  # load the model before the progress bar starts, not inside it
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     total = count_lines(input_path)
