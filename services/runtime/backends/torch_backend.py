@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.runtime.backends.base import NLL, ModelSettings
 from services.runtime.backends.models import ResolvedModel, resolve_model
+from services.runtime.backends.text import TokenizerText
 from services.runtime.errors import ConfigError, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def length_buckets(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
     return batches
 
 
-class TorchBackend:
+class TorchBackend(TokenizerText):
     """A causal LM from transformers, scored with one batched prefill per primitive."""
 
     def __init__(self, settings: ModelSettings) -> None:
@@ -157,65 +158,10 @@ class TorchBackend:
         return self._model
 
     @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self._tokenizer, "chat_template", None))
-
-    @property
     def max_prompt_tokens(self) -> int:
         """Longest prompt ``next_token_logprobs`` accepts (see PROMPT_MARGIN_TOKENS)."""
         limit = self._settings.max_tokens + PROMPT_MARGIN_TOKENS
         return min(limit, self._max_positions) if self._max_positions else limit
-
-    # -- text -------------------------------------------------------------------------------
-
-    def render_chat(self, user_message: str) -> str:
-        if not self.has_chat_template:
-            return user_message
-        rendered = self._tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return str(rendered)
-
-    def token_ids(self, text: str) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        enc = self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [len(ids) for ids in enc]
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        if max_tokens <= 0:
-            return ""
-        try:
-            enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except NotImplementedError:  # slow (Python) tokenizers have no offsets
-            ids = self.token_ids(text)
-            return text if len(ids) <= max_tokens else str(self._tokenizer.decode(ids[:max_tokens]))
-        offsets = enc["offset_mapping"]
-        if len(offsets) <= max_tokens:
-            return text
-        # Cut at the character where the first dropped token starts, so the kept text
-        # re-encodes to (at most) the kept tokens and keeps its original spelling.
-        return text[: offsets[max_tokens][0]].rstrip()
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """The ids a prompt is scored with: its tokens, after BOS when the model has one.
-
-        Rendered chat prompts already start with their own special tokens (often the BOS
-        itself); BOS is added only when missing, so it is never doubled.
-        """
-        ids = self.token_ids(prompt)
-        if self._bos is not None and (not ids or ids[0] != self._bos):
-            ids.insert(0, int(self._bos))
-        return ids
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -249,12 +195,7 @@ class TorchBackend:
 
     def sequence_nll(self, texts: list[str]) -> list[NLL]:
         budget = self._settings.max_tokens
-        encoded: list[list[int]] = []
-        for text in texts:
-            seq = self.token_ids(text)[:budget]
-            if self._bos is not None and (not seq or seq[0] != self._bos):
-                seq.insert(0, int(self._bos))
-            encoded.append(seq)
+        encoded = self.encode_for_nll(texts, budget)
         results: list[NLL] = [NLL(0.0, 0)] * len(texts)
         with torch.inference_mode():
             for batch in length_buckets([len(s) for s in encoded], self._settings.batch_tokens):

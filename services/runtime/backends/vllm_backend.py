@@ -39,6 +39,7 @@ import numpy as np
 
 from services.runtime.backends.base import NLL, ModelSettings
 from services.runtime.backends.models import ResolvedModel, resolve_model
+from services.runtime.backends.text import TokenizerText
 from services.runtime.errors import ConfigError, InvalidArgument, SluiceError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def vllm_available() -> bool:
         return False
 
 
-class VLLMBackend:
+class VLLMBackend(TokenizerText):
     """A causal LM served by an in-process vLLM engine, scored with one prefill per prompt."""
 
     def __init__(self, settings: ModelSettings) -> None:
@@ -138,61 +139,15 @@ class VLLMBackend:
         return self._resolved
 
     @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    @property
     def llm(self) -> Any:
         """The underlying ``vllm.LLM`` (benchmarks and tests inspect it)."""
         return self._llm
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self._tokenizer, "chat_template", None))
 
     @property
     def max_prompt_tokens(self) -> int:
         """Longest prompt ``next_token_logprobs`` accepts (TorchBackend's rule, capped by
         the engine's max_model_len less the one generated token)."""
         return self._max_prompt_tokens
-
-    # -- text (identical to TorchBackend: same tokenizer, same rules) ---------------------------
-
-    def render_chat(self, user_message: str) -> str:
-        if not self.has_chat_template:
-            return user_message
-        rendered = self._tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return str(rendered)
-
-    def token_ids(self, text: str) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        enc = self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [len(ids) for ids in enc]
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        if max_tokens <= 0:
-            return ""
-        enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        if len(offsets) <= max_tokens:
-            return text
-        return text[: offsets[max_tokens][0]].rstrip()
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """The ids a prompt is scored with: its tokens, after BOS when the model has one
-        (added only when missing, so a chat template's own BOS is never doubled)."""
-        ids = self.token_ids(prompt)
-        if self._bos is not None and (not ids or ids[0] != self._bos):
-            ids.insert(0, int(self._bos))
-        return ids
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -231,12 +186,7 @@ class VLLMBackend:
         # Head kept; the BOS (when there is one) plus the text must leave room for the
         # one token vLLM generates.
         budget = min(self._settings.max_tokens, self._max_model_len - 2)
-        encoded: list[list[int]] = []
-        for text in texts:
-            seq = self.token_ids(text)[:budget]
-            if self._bos is not None and (not seq or seq[0] != self._bos):
-                seq.insert(0, int(self._bos))
-            encoded.append(seq)
+        encoded = self.encode_for_nll(texts, budget)
         results = [NLL(0.0, 0)] * len(texts)
         scored = [i for i, seq in enumerate(encoded) if len(seq) >= 2]  # else nothing to predict
         if not scored:
