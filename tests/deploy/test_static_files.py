@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,10 @@ def test_chart_yaml() -> None:
 
 
 def _helm() -> str | None:
+    # make install puts a pinned helm next to the venv's python (scripts/install_helm.py)
+    beside_python = Path(sys.executable).parent / "helm"
+    if beside_python.is_file():
+        return str(beside_python)
     return os.environ.get("HELM") or shutil.which("helm")
 
 
@@ -369,3 +374,35 @@ def test_helm_enforces_the_schema() -> None:
     with pytest.raises(subprocess.CalledProcessError) as err:
         _render("stages.scoring.mode=batch")
     assert "mode" in err.value.stderr
+
+
+@needs_helm
+def test_helm_lint_passes() -> None:
+    out = subprocess.run(
+        [str(_helm()), "lint", "--strict", str(CHART)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@needs_helm
+@pytest.mark.parametrize(
+    "values",
+    [
+        (),
+        ("stages.scoring.gpus=1", "stages.scoring.mode=worker", "stages.scoring.replicas=3"),
+    ],
+    ids=["default", "gpu-worker"],
+)
+def test_rendered_manifests_validate_strictly(values: tuple[str, ...]) -> None:
+    """Every rendered object against the offline Kubernetes 1.33 schemas, unknown fields
+    rejected (custom resources excepted: their schema is the chart's own CRD)."""
+    import kubernetes_validate
+
+    objs = _render(*values)
+    assert objs
+    for obj in objs.values():
+        if "." in obj["apiVersion"].split("/")[0] and not obj["apiVersion"].startswith(
+            ("apps/", "rbac.authorization.k8s.io/", "policy/", "networking.k8s.io/", "batch/")
+        ):
+            continue  # a custom resource (e.g. ServiceMonitor): no upstream schema
+        kubernetes_validate.validate(obj, "1.33.0", strict=True)
