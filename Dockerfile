@@ -72,8 +72,9 @@ print("\n".join(p["dependencies"] + [r for e in extras for r in p["optional-depe
 COPY README.md ./
 COPY services ./services
 COPY bench ./bench
+COPY operators ./operators
 RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
-    && python -m compileall -q services bench
+    && python -m compileall -q services bench operators
 
 # ---------------------------------------------------------------------------------------
 # runtime: the venv and the code, no compilers, non-root.

@@ -1,0 +1,110 @@
+"""Consumer lag of a stage's group on its input topic, read from the broker's admin API.
+
+Lag per partition is ``end offset - position``, where position is the group's committed offset,
+or the log start when the group has committed nothing there yet (a new group with
+``auto_offset_reset=earliest`` starts at the beginning). Each partition's lag is clamped at
+zero: a committed offset past the reported end (an end offset a broker got wrong, a topic
+truncated under the group) is "caught up", never negative lag. The lag of a stage is the
+sum over partitions.
+
+One admin client per broker address, reused across passes; any failure closes it (the next
+read reconnects) and surfaces as ``LagSourceError`` with the cause, for the reconciler to
+keep replicas as they are and retry later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+from kafka import KafkaAdminClient, TopicPartition
+from kafka.admin import OffsetSpec
+from kafka.errors import for_code
+
+from operators.settings import LagClientSettings
+
+
+class LagSourceError(Exception):
+    """Offsets could not be read (broker down, topic missing, group coordinator error)."""
+
+
+@dataclass(frozen=True)
+class LagReading:
+    """Offsets summed over the topic's partitions (sums make the rates: see planner)."""
+
+    lag: int
+    end_offsets: int
+    committed_offsets: int
+    """Sum of positions: committed offsets, or the log start where nothing is committed."""
+    partitions: int
+
+
+class KafkaLagSource:
+    """Reads lag with kafka-python's KafkaAdminClient; safe to call from several threads."""
+
+    def __init__(self, settings: LagClientSettings) -> None:
+        self._settings = settings
+        self._clients: dict[str, KafkaAdminClient] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def read(self, bootstrap_servers: str, topic: str, group: str) -> LagReading:
+        with self._guard:
+            lock = self._locks.setdefault(bootstrap_servers, threading.Lock())
+        with lock:
+            try:
+                client = self._client(bootstrap_servers)
+                return _read(client, topic, group)
+            except LagSourceError:
+                raise
+            except Exception as exc:  # any client/broker failure: reconnect next time
+                self._drop(bootstrap_servers)
+                raise LagSourceError(f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._guard:
+            for address in list(self._clients):
+                self._drop(address)
+
+    def _client(self, bootstrap_servers: str) -> KafkaAdminClient:
+        client = self._clients.get(bootstrap_servers)
+        if client is None:
+            client = KafkaAdminClient(
+                bootstrap_servers=bootstrap_servers.split(","),
+                client_id=self._settings.client_id,
+                request_timeout_ms=self._settings.request_timeout_ms,
+                bootstrap_timeout_ms=self._settings.bootstrap_timeout_ms,
+            )
+            self._clients[bootstrap_servers] = client
+        return client
+
+    def _drop(self, bootstrap_servers: str) -> None:
+        client = self._clients.pop(bootstrap_servers, None)
+        if client is not None:
+            # Closing a broken client may fail too: nothing left to do about it.
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def _read(client: KafkaAdminClient, topic: str, group: str) -> LagReading:
+    (meta,) = client.describe_topics([topic])
+    if meta["error_code"]:
+        raise LagSourceError(f"topic {topic!r}: {for_code(meta['error_code']).__name__}")
+    tps = [TopicPartition(topic, p["partition_index"]) for p in meta["partitions"]]
+    if not tps:
+        raise LagSourceError(f"topic {topic!r} has no partitions")
+    ends = client.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps})
+    starts = client.list_partition_offsets({tp: OffsetSpec.EARLIEST for tp in tps})
+    committed = client.list_group_offsets({group: tps}).get(group, {})
+    lag = end_total = position_total = 0
+    for tp in tps:
+        end, start = ends[tp].offset, starts[tp].offset
+        c = committed.get(tp)
+        position = c.offset if c is not None and c.offset >= 0 else start
+        end_total += end
+        position_total += position
+        lag += max(0, end - position)
+    return LagReading(
+        lag=lag, end_offsets=end_total, committed_offsets=position_total, partitions=len(tps)
+    )
