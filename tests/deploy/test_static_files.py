@@ -7,11 +7,8 @@ service accepts."""
 from __future__ import annotations
 
 import copy
-import os
 import re
-import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
+from tests.deploy.chart import STAGES, needs_helm, tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "sluice"
@@ -113,6 +112,7 @@ def tilt() -> dict[str, Any]:
         calls.setdefault(name, []).append((args, kwargs))
     return {
         "SERVICES": interp.get("SERVICES"),
+        "CONTAINER_PORTS": interp.get("CONTAINER_PORTS"),
         "settings": interp.get("settings"),
         "globals": set(interp.globals()),
         "calls": calls,
@@ -122,10 +122,16 @@ def tilt() -> dict[str, Any]:
 def test_tiltfile_defines_services_and_enable_service(tilt: dict[str, Any]) -> None:
     assert "enable_service" in tilt["globals"]
     services = tilt["SERVICES"]
-    assert services, "SERVICES is empty"
+    # Every stage the chart can run, and the operator.
+    assert set(services) == set(STAGES) | {"operator"}
+    container_ports = tilt["CONTAINER_PORTS"]
     for name, svc in services.items():
-        assert {"target", "image", "ports"} <= set(svc), name
-        assert set(svc["ports"]) == {"grpc", "metrics"}, name
+        assert {"target", "image", "entrypoint", "chart", "ports", "helm_set"} <= set(svc), name
+        expected = {"metrics"} if name == "operator" else {"grpc", "metrics"}
+        assert set(svc["ports"]) == expected, name
+        assert set(svc["ports"]) <= set(container_ports), name
+    local_ports = [p for svc in services.values() for p in svc["ports"].values()]
+    assert len(local_ports) == len(set(local_ports)), "local port forwarded twice"
     # By default every service is enabled.
     assert sorted(tilt["settings"]["enable_services"]) == sorted(services)
 
@@ -137,39 +143,76 @@ def test_enable_service_runs_for_each_service(tilt: dict[str, Any]) -> None:
     for args, kwargs in builds:
         name = next(n for n, s in services.items() if s["image"] == args[0])
         assert kwargs["target"] == services[name]["target"]
-        assert kwargs["build_args"]["SERVICE"] == name
+        assert kwargs["entrypoint"] == services[name]["entrypoint"]
+        # Stage images default to their own service; the operator's runs its entrypoint.
+        assert kwargs["build_args"].get("SERVICE") == (None if name == "operator" else name)
         # Code edits are synced into the editable install, not rebuilt.
         assert ("sync", ("services", "/app/services"), {}) in kwargs["live_update"]
+        assert ("sync", ("operators", "/app/operators"), {}) in kwargs["live_update"]
 
-    renders = calls["helm"]
-    assert len(renders) == len(services)
-    assert len(calls["k8s_yaml"]) == len(services)
-    enabled = set()
-    for args, kwargs in renders:
-        assert args[0] == "charts/sluice"
-        sets = kwargs["set"]
-        enabled |= {
-            m.group(1) for s in sets if (m := re.fullmatch(r"stages\.(\w+)\.enabled=true", s))
-        }
-        assert "securityContext.readOnlyRootFilesystem=false" in sets  # live_update must write
-    assert enabled == set(services)
+    # One render for all services, so shared objects (the topics Job) appear once.
+    ((args, kwargs),) = calls["helm"]
+    assert args[0] == "charts/sluice"
+    assert len(calls["k8s_yaml"]) == 1
+    sets = kwargs["set"]
+    enabled = {m.group(1) for s in sets if (m := re.fullmatch(r"(.+)\.enabled=true", s))}
+    assert enabled == {svc["chart"] for svc in services.values()}
+    assert "securityContext.readOnlyRootFilesystem=false" in sets  # live_update must write
 
     resources = {kwargs["new_name"]: (args, kwargs) for args, kwargs in calls["k8s_resource"]}
-    assert set(resources) == set(services)
+    assert set(resources) == set(services) | {"topics"}
     for name, (args, kwargs) in resources.items():
-        assert args[0] == f"sluice-{name}"  # the chart's Deployment name for release "sluice"
-        forwards = {(a[0], a[1]) for _, a, _ in kwargs["port_forwards"]}
-        ports = services[name]["ports"]
-        assert forwards == {(ports["grpc"], 50051), (ports["metrics"], 9100)}
+        assert args[0] == f"sluice-{name}"  # the chart's workload name for release "sluice"
+        forwards = {(a[0], a[1]) for _, a, _ in kwargs.get("port_forwards", [])}
+        ports = services[name]["ports"] if name in services else {}
+        assert forwards == {(local, tilt["CONTAINER_PORTS"][p]) for p, local in ports.items()}
 
 
 def test_tilt_services_exist_in_chart_and_code(tilt: dict[str, Any]) -> None:
-    stages = _values()["stages"]
+    values = _values()
     allowed = _schema()["properties"]["stages"]["propertyNames"]["enum"]
-    for name in tilt["SERVICES"]:
-        assert name in stages, f"charts/sluice/values.yaml has no stages.{name}"
+    for name, svc in tilt["SERVICES"].items():
+        module = svc["entrypoint"][2]  # python -m <module>
+        assert svc["entrypoint"][:2] == ["python", "-m"], name
+        assert (ROOT / module.replace(".", "/") / "__main__.py").is_file(), name
+        if name == "operator":
+            assert svc["chart"] == "operator" and "operator" in values
+            continue
+        assert svc["chart"] == f"stages.{name}", name
+        assert module == f"services.{name}", name
+        assert name in values["stages"], f"charts/sluice/values.yaml has no stages.{name}"
         assert name in allowed, f"values.schema.json does not accept stage {name!r}"
-        assert (ROOT / "services" / name / "__main__.py").is_file(), name
+
+
+@needs_helm
+def test_tilt_render_deploys_what_tilt_builds_and_forwards(tilt: dict[str, Any]) -> None:
+    """helm renders the chart with exactly the values the Tiltfile passes: every resource
+    Tilt names exists, runs the image Tilt builds, listens on the forwarded ports, and the
+    operator's pod leaves the command to the restart wrapper."""
+    ((_, kwargs),) = tilt["calls"]["helm"]
+    assert kwargs["name"] == "sluice" and not kwargs["values"]
+    objs = _render(*kwargs["set"], namespace=kwargs["namespace"])
+    services = tilt["SERVICES"]
+    workloads = {n: o for (k, n), o in objs.items() if k in ("Deployment", "Job")}
+    for rargs, rkwargs in tilt["calls"]["k8s_resource"]:
+        assert rargs[0] in workloads, rargs[0]
+        pod = workloads[rargs[0]]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        image = container["image"].rsplit(":", 1)[0]
+        name = rkwargs["new_name"]
+        if name == "topics":
+            assert image in {s["image"] for s in services.values()}  # one Tilt builds
+            continue
+        assert image == services[name]["image"], name
+        assert container["securityContext"]["readOnlyRootFilesystem"] is False
+        ports = {p["containerPort"] for p in container["ports"]}
+        assert {a[1] for _, a, _ in rkwargs["port_forwards"]} <= ports, name
+        if name == "operator":
+            assert "command" not in container  # the image entrypoint: the restart wrapper
+        else:
+            assert "command" not in container and container["args"][0] == "all"
+    config = yaml.safe_load(objs[("ConfigMap", "sluice-density")]["data"]["config.yaml"])
+    assert config["mode"] == "online"  # runs without an object store in dev
 
 
 # -- values.yaml and its schema ------------------------------------------------------------
@@ -191,7 +234,14 @@ def test_values_validate_against_schema() -> None:
         (("stages", "scoring", "gpus"), -1),
         (("stages", "scoring", "topics", "input"), "has space"),
         (("stages", "scoring", "image", "pullPolicy"), "Sometimes"),
-        (("stages", "density"), {}),  # no such service in the image
+        (("stages", "training"), {}),  # no such service in the image
+        (("stages", "density", "gpuResource"), "gpu"),  # not an extended resource name
+        (("stages", "synth", "alerts", "retention", "min"), -0.1),
+        (("s3", "accessKey"), "AKIA..."),  # credentials only by Secret reference
+        (("prometheusRule", "alertLabels"), {"severity": "page"}),  # the chart sets it
+        (("prometheusRule", "stageDown", "for"), "5 minutes"),
+        (("networkPolicy", "egress", "kafka", "ports"), [0]),
+        (("podDisruptionBudget", "maxUnavailable"), "150%"),
         (("kafka", "bootstrapServers"), "kafka"),  # no port
         (("stages", "scoring", "resources", "limits", "memory"), "lots"),
     ],
@@ -257,21 +307,8 @@ def test_chart_yaml() -> None:
 # -- rendered manifests (needs helm) ---------------------------------------------------------
 
 
-def _helm() -> str | None:
-    # make install puts a pinned helm next to the venv's python (scripts/install_helm.py)
-    beside_python = Path(sys.executable).parent / "helm"
-    if beside_python.is_file():
-        return str(beside_python)
-    return os.environ.get("HELM") or shutil.which("helm")
-
-
-needs_helm = pytest.mark.skipif(
-    _helm() is None, reason="helm not found on PATH or in $HELM; rendered-manifest checks skipped"
-)
-
-
-def _render(*set_values: str) -> dict[tuple[str, str], dict[str, Any]]:
-    cmd = [str(_helm()), "template", "sluice", str(CHART), "--namespace", "curation"]
+def _render(*set_values: str, namespace: str = "curation") -> dict[tuple[str, str], dict[str, Any]]:
+    cmd = [str(tool("helm")), "template", "sluice", str(CHART), "--namespace", namespace]
     for s in set_values:
         cmd += ["--set", s]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
@@ -286,6 +323,7 @@ def test_rendered_deployment_is_restricted_and_probed() -> None:
         ("ConfigMap", "sluice-scoring"),
         ("Service", "sluice-scoring"),
         ("Deployment", "sluice-scoring"),
+        ("Job", "sluice-topics"),
     }
     deploy = objs[("Deployment", "sluice-scoring")]
     assert deploy["metadata"]["namespace"] == "curation"
@@ -379,7 +417,10 @@ def test_helm_enforces_the_schema() -> None:
 @needs_helm
 def test_helm_lint_passes() -> None:
     out = subprocess.run(
-        [str(_helm()), "lint", "--strict", str(CHART)], capture_output=True, text=True, timeout=60
+        [str(tool("helm")), "lint", "--strict", str(CHART)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -77,5 +77,113 @@ topics, group, ports: the probes and Service depend on the ports).
         "group_id" $spec.group)
       "grpc" (dict "port" 50051)
       "metrics" (dict "port" 9100 "enabled" true) }}
-{{- mustMergeOverwrite (deepCopy (default (dict) $spec.config)) $owned | toYaml }}
+{{- $config := mustMergeOverwrite (deepCopy (default (dict) $spec.config)) $owned }}
+{{- $s3path := include "sluice.s3ConfigPath" .stage }}
+{{- $s3 := .root.Values.s3 }}
+{{- if and $s3path $s3.endpoint }}
+{{- /* Walk (creating) the stage's object-store block and set the chart-owned keys. */}}
+{{- $node := $config }}
+{{- range $key := splitList "." $s3path }}
+{{- if not (kindIs "map" (get $node $key)) }}
+{{- $_ := set $node $key (dict) }}
+{{- end }}
+{{- $node = get $node $key }}
+{{- end }}
+{{- $_ := set $node "endpoint" $s3.endpoint }}
+{{- $_ := set $node "secure" $s3.secure }}
+{{- $_ := set $node "region" $s3.region }}
+{{- with $s3.bucket }}
+{{- $_ := set $node "bucket" . }}
+{{- end }}
+{{- end }}
+{{- $config | toYaml }}
+{{- end }}
+
+{{/*
+Where a stage's settings keep their S3 block ("a.b", dotted), or "" for stages without one.
+The block has endpoint, bucket, secure, region, access_key and secret_key fields
+(services/density/settings.py StoreSettings, services/distill/settings.py S3Settings).
+*/}}
+{{- define "sluice.s3ConfigPath" -}}
+{{- get (dict "density" "store" "distill" "topk_store.s3") . }}
+{{- end }}
+
+{{/* "SLUICE_<STAGE>_": the env prefix of a stage's settings class. */}}
+{{- define "sluice.envPrefix" -}}
+{{- printf "SLUICE_%s_" (upper .) }}
+{{- end }}
+
+{{/*
+Object-store credentials of a stage as EnvVar entries, all by reference to s3.existingSecret:
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the convention S3 clients read) and the stage's own
+settings fields (e.g. SLUICE_DISTILL_TOPK_STORE__S3__ACCESS_KEY), which distill's client
+needs. Empty for stages without an object store, or without endpoint or Secret.
+*/}}
+{{- define "sluice.s3Env" -}}
+{{- $s3 := .root.Values.s3 }}
+{{- $path := include "sluice.s3ConfigPath" .stage }}
+{{- if and $path $s3.endpoint $s3.existingSecret }}
+{{- $field := printf "%s%s__" (include "sluice.envPrefix" .stage) ($path | replace "." "__" | upper) }}
+{{- $pairs := list
+      (list "AWS_ACCESS_KEY_ID" $s3.existingSecretKeys.accessKeyId)
+      (list "AWS_SECRET_ACCESS_KEY" $s3.existingSecretKeys.secretAccessKey)
+      (list (printf "%sACCESS_KEY" $field) $s3.existingSecretKeys.accessKeyId)
+      (list (printf "%sSECRET_KEY" $field) $s3.existingSecretKeys.secretAccessKey) }}
+{{- range $pairs }}
+- name: {{ index . 0 }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3.existingSecret }}
+      key: {{ index . 1 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The dead-letter topic of a stage spec: topics.dlq or "<input>.dlq". */}}
+{{- define "sluice.dlqTopic" -}}
+{{- default (printf "%s.dlq" .topics.input) .topics.dlq }}
+{{- end }}
+
+{{/*
+Every topic the enabled stages read or write (input, output, dead-letter, config
+dropped_topic) plus topics.extra: sorted, without repeats, one per line.
+*/}}
+{{- define "sluice.topicList" -}}
+{{- $topics := list }}
+{{- range $stage, $spec := .Values.stages }}
+{{- if $spec.enabled }}
+{{- $topics = concat $topics (list $spec.topics.input $spec.topics.output (include "sluice.dlqTopic" $spec)) }}
+{{- with (default (dict) $spec.config).dropped_topic }}
+{{- $topics = append $topics . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $topics = concat $topics .Values.topics.extra }}
+{{- $topics | uniq | sortAlpha | join "\n" }}
+{{- end }}
+
+{{/* The ports of kafka.bootstrapServers, sorted, without repeats, one per line. */}}
+{{- define "sluice.kafkaPorts" -}}
+{{- $ports := list }}
+{{- range splitList "," .Values.kafka.bootstrapServers }}
+{{- $ports = append $ports (regexFind "[0-9]+$" .) }}
+{{- end }}
+{{- $ports | uniq | sortAlpha | join "\n" }}
+{{- end }}
+
+{{/*
+PromQL label matchers of a component's series: the scrape job the ServiceMonitor gives its
+targets (the Service name) in the release namespace. Takes (dict "root" $ "stage" $name).
+*/}}
+{{- define "sluice.promSelector" -}}
+namespace="{{ .root.Release.Namespace }}", job="{{ include "sluice.stageFullname" . }}"
+{{- end }}
+
+{{/* The titles of the shipped dashboards (files/dashboards/*.json), quoted, comma-separated. */}}
+{{- define "sluice.dashboardTitles" -}}
+{{- $titles := list }}
+{{- range $path, $_ := .Files.Glob "files/dashboards/*.json" }}
+{{- $titles = append $titles (($.Files.Get $path | fromJson).title | default $path | quote) }}
+{{- end }}
+{{- $titles | join ", " }}
 {{- end }}

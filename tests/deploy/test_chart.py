@@ -1,0 +1,569 @@
+"""The chart as a platform team installs it, rendered by helm with the defaults and with the
+full GPU values file (charts/sluice/ci/gpu-values.yaml: every stage, GPUs, operator, topics
+Job, ServiceMonitor, PrometheusRule, PDBs, NetworkPolicies, dashboard): every object
+validates strictly against the Kubernetes schemas, every pod meets Restricted Pod Security,
+secrets travel by reference only, selectors are stable, and what each object points at (ports,
+pods, Services, topics, settings) exists."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.chart import (
+    CHART,
+    GPU_VALUES,
+    NAMESPACE,
+    RELEASE,
+    STAGES,
+    Key,
+    needs_helm,
+    pod_specs,
+    render,
+    tool,
+)
+
+pytestmark = needs_helm
+
+# Custom resources have no upstream schema: the PrometheusRule is checked by promtool
+# (test_alerts.py), the ServiceMonitor's fields below.
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+
+SETTINGS = {
+    "scoring": "services.scoring.settings:ScoringSettings",
+    "density": "services.density.settings:DensitySettings",
+    "rewrite": "services.rewrite.settings:RewriteSettings",
+    "synth": "services.synth.settings:SynthSettings",
+    "distill": "services.distill.settings:DistillSettings",
+}
+# Where each stage's settings keep the object store, when it has one.
+S3_BLOCK = {"density": ("store",), "distill": ("topk_store", "s3")}
+
+
+@pytest.fixture(scope="module")
+def default_objs() -> dict[Key, dict[str, Any]]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def gpu_objs() -> dict[Key, dict[str, Any]]:
+    return render(values_files=(GPU_VALUES,))
+
+
+@pytest.fixture(scope="module")
+def gpu_values() -> dict[str, Any]:
+    return yaml.safe_load(GPU_VALUES.read_text())
+
+
+def _by_kind(objs: dict[Key, dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {name: o for (k, name), o in objs.items() if k == kind}
+
+
+def _component(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
+# -- schema validity of every rendered object ----------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["default", "gpu"])
+def test_every_object_validates_strictly(
+    which: str, default_objs: dict[Key, dict[str, Any]], gpu_objs: dict[Key, dict[str, Any]]
+) -> None:
+    import kubernetes_validate
+
+    objs = default_objs if which == "default" else gpu_objs
+    skipped = set()
+    for obj in objs.values():
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            skipped.add(obj["kind"])
+            continue
+        kubernetes_validate.validate(obj, "1.33.0", strict=True)
+    assert skipped == (set() if which == "default" else {"ServiceMonitor", "PrometheusRule"})
+
+
+def test_gpu_values_render_every_component(gpu_objs: dict[Key, dict[str, Any]]) -> None:
+    kinds = {k for k, _ in gpu_objs}
+    assert kinds == {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "Job",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+    }
+    assert {_component(d) for d in _by_kind(gpu_objs, "Deployment").values()} == {
+        *STAGES,
+        "operator",
+    }
+    assert "Secret" not in kinds  # credentials are never rendered
+
+
+def test_helm_lint_strict_with_gpu_values() -> None:
+    out = subprocess.run(
+        [str(tool("helm")), "lint", "--strict", str(CHART), "--values", str(GPU_VALUES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- Restricted Pod Security, probes, resources ----------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["default", "gpu"])
+def test_every_pod_is_restricted(
+    which: str, default_objs: dict[Key, dict[str, Any]], gpu_objs: dict[Key, dict[str, Any]]
+) -> None:
+    pods = pod_specs(default_objs if which == "default" else gpu_objs)
+    assert pods
+    for key, pod in pods.items():
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True, key
+        assert psc["runAsUser"] != 0 and psc["runAsGroup"] != 0, key
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, key
+        for host in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not pod.get(host), (key, host)
+        assert not [v for v in pod.get("volumes", []) if "hostPath" in v], key
+        # Only the operator talks to the Kubernetes API.
+        assert pod["automountServiceAccountToken"] is (key == ("Deployment", "sluice-operator"))
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, key
+            assert sc["readOnlyRootFilesystem"] is True, key
+            assert sc["capabilities"] == {"drop": ["ALL"]}, key
+            assert not sc.get("privileged"), key
+            assert not c.get("ports") or all("hostPort" not in p for p in c["ports"]), key
+            # Everything written goes to a mounted volume.
+            assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}, key
+
+
+def test_stage_pods_are_probed_and_resourced(gpu_objs: dict[Key, dict[str, Any]]) -> None:
+    for name, deploy in _by_kind(gpu_objs, "Deployment").items():
+        (c,) = deploy["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        for probe in ("readinessProbe", "livenessProbe"):
+            p = c[probe]
+            if "grpc" in p:  # native gRPC health on the serving port
+                assert p["grpc"]["port"] == ports["grpc"], (name, probe)
+            else:  # worker-only stages and the operator: HTTP on a named port
+                assert p["httpGet"]["port"] in ports, (name, probe)
+        res = c["resources"]
+        assert {"cpu", "memory"} <= set(res["requests"]), name
+        assert "memory" in res["limits"], name
+    (job,) = _by_kind(gpu_objs, "Job").values()
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and c["resources"]["limits"]
+
+
+def test_gpu_resources_and_scheduling(
+    gpu_objs: dict[Key, dict[str, Any]], gpu_values: dict[str, Any]
+) -> None:
+    deploys = _by_kind(gpu_objs, "Deployment")
+    for stage, spec in gpu_values["stages"].items():
+        pod = deploys[f"{RELEASE}-{stage}"]["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        resource = spec.get("gpuResource", "nvidia.com/gpu")
+        assert c["resources"]["limits"][resource] == spec["gpus"], stage
+        assert pod["nodeSelector"] == spec["nodeSelector"], stage
+        assert pod["tolerations"] == spec["tolerations"], stage
+        assert pod["runtimeClassName"] == spec["runtimeClassName"], stage
+        assert pod.get("priorityClassName") == spec.get("priorityClassName"), stage
+        assert pod.get("affinity") == spec.get("affinity"), stage
+        if spec.get("shmSizeLimit"):
+            shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+            assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": spec["shmSizeLimit"]}
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    spread = deploys["sluice-scoring"]["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread == gpu_values["stages"]["scoring"]["topologySpreadConstraints"]
+    # The spread's selector matches the pods it spreads.
+    labels = deploys["sluice-scoring"]["spec"]["template"]["metadata"]["labels"]
+    assert spread[0]["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_default_stage_uses_no_gpu(default_objs: dict[Key, dict[str, Any]]) -> None:
+    pod = default_objs[("Deployment", "sluice-scoring")]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert not any("gpu" in r for r in c["resources"]["limits"])
+    for field in ("runtimeClassName", "priorityClassName", "nodeSelector", "tolerations"):
+        assert field not in pod, field
+
+
+# -- secrets by reference --------------------------------------------------------------------
+
+SECRETISH = ("KEY", "SECRET", "TOKEN", "PASSWORD")
+
+
+def test_credentials_come_only_from_secret_references(
+    gpu_objs: dict[Key, dict[str, Any]], gpu_values: dict[str, Any]
+) -> None:
+    s3 = gpu_values["s3"]
+    keys = s3["existingSecretKeys"]
+    for key, pod in pod_specs(gpu_objs).items():
+        for c in pod["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            for name, e in env.items():
+                if any(word in name for word in SECRETISH):
+                    assert "value" not in e, (key, name)
+                    assert set(e["valueFrom"]) == {"secretKeyRef"}, (key, name)
+            stage = key[1].removeprefix(f"{RELEASE}-")
+            creds = {n: e for n, e in env.items() if n.startswith("AWS_") or n.endswith("_KEY")}
+            if key[0] != "Deployment" or stage not in S3_BLOCK:
+                assert not creds, key  # no object-store credentials where none is used
+                continue
+            prefix = f"SLUICE_{stage.upper()}_{'__'.join(S3_BLOCK[stage]).upper()}__"
+            assert {n: e["valueFrom"]["secretKeyRef"] for n, e in creds.items()} == {
+                "AWS_ACCESS_KEY_ID": {"name": s3["existingSecret"], "key": keys["accessKeyId"]},
+                "AWS_SECRET_ACCESS_KEY": {
+                    "name": s3["existingSecret"],
+                    "key": keys["secretAccessKey"],
+                },
+                f"{prefix}ACCESS_KEY": {"name": s3["existingSecret"], "key": keys["accessKeyId"]},
+                f"{prefix}SECRET_KEY": {
+                    "name": s3["existingSecret"],
+                    "key": keys["secretAccessKey"],
+                },
+            }
+
+
+def test_no_credentials_without_a_secret() -> None:
+    objs = render("stages.distill.enabled=true", "s3.endpoint=minio:9000")
+    (c,) = objs[("Deployment", "sluice-distill")]["spec"]["template"]["spec"]["containers"]
+    assert not [e for e in c["env"] if "valueFrom" in e]
+    # The store is still configured: a MinIO without auth (or IRSA-style credentials) works.
+    config = yaml.safe_load(objs[("ConfigMap", "sluice-distill")]["data"]["config.yaml"])
+    assert config["topk_store"]["s3"]["endpoint"] == "minio:9000"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "s3.accessKey=AKIAEXAMPLE",
+        "s3.secretAccessKey=abc",
+        "s3.existingSecretKeys.password=abc",
+        "s3.endpoint=https://minio:9000",  # host:port only, no scheme
+    ],
+)
+def test_schema_rejects_clear_credentials_and_bad_store(value: str) -> None:
+    with pytest.raises(subprocess.CalledProcessError):
+        render(value)
+
+
+# -- settings each stage receives --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_config_and_env_are_accepted_by_the_service(
+    stage: str,
+    gpu_objs: dict[Key, dict[str, Any]],
+    gpu_values: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rendered config file plus the container's environment, with the Secret's values
+    resolved as the kubelet would, load into the stage's own settings class."""
+    from services.runtime.settings import load_settings
+
+    module, cls_name = SETTINGS[stage].split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    name = f"{RELEASE}-{stage}"
+    secret = {"access-key": "AKIA-TEST", "secret-key": "s3cr3t-TEST", "token": "hf-TEST"}
+    pod = gpu_objs[("Deployment", name)]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    for e in c["env"]:
+        value = e["valueFrom"]["secretKeyRef"]["key"] if "valueFrom" in e else None
+        monkeypatch.setenv(e["name"], secret[value] if value else e["value"])
+    config = tmp_path / "config.yaml"
+    config.write_text(gpu_objs[("ConfigMap", name)]["data"]["config.yaml"])
+    # The file is mounted where --config points.
+    assert c["args"][1:] == ["--config", "/etc/sluice/config.yaml"]
+
+    settings = load_settings(cls, config)
+    spec = gpu_values["stages"][stage]
+    assert settings.kafka.bootstrap_servers == gpu_values["kafka"]["bootstrapServers"]
+    assert settings.kafka.input_topic == spec["topics"]["input"]
+    assert settings.kafka.output_topic == spec["topics"]["output"]
+    assert settings.kafka.group_id == f"sluice-{stage}"
+    assert (settings.grpc.port, settings.metrics.port) == (50051, 9100)
+    if stage in S3_BLOCK:
+        store: Any = settings
+        for part in S3_BLOCK[stage]:
+            store = getattr(store, part)
+        s3 = gpu_values["s3"]
+        assert (store.endpoint, store.bucket, store.secure, store.region) == (
+            s3["endpoint"],
+            s3["bucket"],
+            s3["secure"],
+            "us-east-1",
+        )
+        access = store.access_key
+        assert getattr(access, "get_secret_value", lambda: access)() == "AKIA-TEST"
+        assert store.secret_key.get_secret_value() == "s3cr3t-TEST"
+
+
+# -- topics Job ----------------------------------------------------------------------------
+
+
+def _stage_topics(objs: dict[Key, dict[str, Any]]) -> set[str]:
+    """Every topic the rendered stage configs name."""
+    topics = set()
+    for (kind, _), o in objs.items():
+        if kind != "ConfigMap" or "config.yaml" not in o["data"]:
+            continue
+        cfg = yaml.safe_load(o["data"]["config.yaml"])
+        k = cfg["kafka"]
+        topics |= {k["input_topic"], k["output_topic"], k["dlq_topic"] or f"{k['input_topic']}.dlq"}
+        if cfg.get("dropped_topic"):
+            topics.add(cfg["dropped_topic"])
+    return topics
+
+
+@pytest.mark.parametrize("which", ["default", "gpu"])
+def test_topics_job_creates_every_stage_topic(
+    which: str,
+    default_objs: dict[Key, dict[str, Any]],
+    gpu_objs: dict[Key, dict[str, Any]],
+    gpu_values: dict[str, Any],
+) -> None:
+    from services.cli import build_parser
+
+    objs = default_objs if which == "default" else gpu_objs
+    job = objs[("Job", "sluice-topics")]
+    hooks = job["metadata"]["annotations"]
+    assert set(hooks["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
+    assert set(hooks["helm.sh/hook-delete-policy"].split(",")) == {
+        "before-hook-creation",
+        "hook-succeeded",
+    }
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c["command"][0] == "sluice"
+    args = build_parser().parse_args(c["command"][1:])  # the real CLI accepts them
+    assert args.command == "topics"
+    extra = set(gpu_values["topics"]["extra"]) if which == "gpu" else set()
+    assert set(args.topics) == _stage_topics(objs) | extra
+    assert len(args.topics) == len(set(args.topics))
+    assert args.partitions == (gpu_values["topics"]["partitions"] if which == "gpu" else 4)
+    bootstrap = gpu_values["kafka"]["bootstrapServers"] if which == "gpu" else "kafka:9092"
+    assert args.bootstrap == bootstrap
+
+
+def test_topics_job_off() -> None:
+    assert not _by_kind(render("topics.create=false"), "Job")
+    # Nothing enabled, nothing extra: nothing to create.
+    assert not _by_kind(render("stages.scoring.enabled=false"), "Job")
+
+
+# -- PDBs, NetworkPolicies -------------------------------------------------------------------
+
+
+def test_pdbs_for_replicated_stages(
+    gpu_objs: dict[Key, dict[str, Any]], default_objs: dict[Key, dict[str, Any]]
+) -> None:
+    assert not _by_kind(default_objs, "PodDisruptionBudget")  # one replica: no budget
+    deploys = _by_kind(gpu_objs, "Deployment")
+    pdbs = _by_kind(gpu_objs, "PodDisruptionBudget")
+    replicated = {
+        n for n, d in deploys.items() if d["spec"]["replicas"] >= 2 and _component(d) != "operator"
+    }
+    assert set(pdbs) == replicated == {"sluice-scoring", "sluice-rewrite", "sluice-density"}
+    for name, pdb in pdbs.items():
+        assert pdb["spec"]["selector"] == deploys[name]["spec"]["selector"]
+        assert pdb["spec"]["maxUnavailable"] == 1
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert set(_by_kind(render("podDisruptionBudget.minReplicas=1"), "PodDisruptionBudget")) == {
+        "sluice-scoring"
+    }
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not selector["matchLabels"].items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In"
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_network_policies(gpu_objs: dict[Key, dict[str, Any]], gpu_values: dict[str, Any]) -> None:
+    policies = _by_kind(gpu_objs, "NetworkPolicy")
+    workloads = {
+        n: (o["spec"]["template"]["metadata"]["labels"], o["spec"]["template"]["spec"])
+        for (k, n), o in gpu_objs.items()
+        if k in ("Deployment", "Job")
+    }
+    assert set(policies) == set(workloads)
+    np = gpu_values["networkPolicy"]
+    for name, policy in policies.items():
+        spec = policy["spec"]
+        _labels, pod = workloads[name]
+        # Each policy selects exactly its own workload's pods.
+        assert [n for n, (lbl, _) in workloads.items() if _selects(spec["podSelector"], lbl)] == [
+            name
+        ]
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        ports = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
+        ingress = {p["port"]: rule.get("from") for rule in spec["ingress"] for p in rule["ports"]}
+        assert set(ingress) == ports - {"healthz"}, name  # kubelet probes need no rule
+        if "grpc" in ingress:
+            assert ingress["grpc"] == np["grpcFrom"]
+        if "metrics" in ingress:
+            assert ingress["metrics"] == np["metricsFrom"]
+        egress = {
+            (p["port"], p["protocol"]): rule.get("to")
+            for rule in spec["egress"]
+            for p in rule["ports"]
+        }
+        assert egress[(53, "UDP")] is None and egress[(53, "TCP")] is None  # DNS anywhere
+        assert egress[(9092, "TCP")] == np["egress"]["kafka"]["to"]
+        assert egress[(8080, "TCP")] == np["egress"]["extra"][0]["to"]
+        has_store = name in ("sluice-density", "sluice-distill")
+        assert (egress.get((9000, "TCP")) == np["egress"]["objectStore"]["to"]) is has_store, name
+        assert ((443, "TCP") in egress) is (name == "sluice-operator"), name
+    # density runs as a worker: metrics only, no gRPC port to open.
+    assert {
+        p["port"] for r in policies["sluice-density"]["spec"]["ingress"] for p in r["ports"]
+    } == {"metrics"}
+    # The topics Job takes no connections.
+    assert policies["sluice-topics"]["spec"]["ingress"] == []
+
+
+def test_network_policy_ports_follow_the_endpoints() -> None:
+    objs = render(
+        "networkPolicy.enabled=true",
+        "kafka.bootstrapServers=a:9093\\,b:9094\\,c:9093",
+        "stages.density.enabled=true",
+        "s3.endpoint=s3.example.com",
+        "topics.create=false",
+    )
+    egress = objs[("NetworkPolicy", "sluice-density")]["spec"]["egress"]
+    ports = {p["port"] for rule in egress for p in rule["ports"] if p["port"] != 53}
+    assert ports == {9093, 9094, 443}  # no port in s3.endpoint + secure: HTTPS
+
+
+# -- ServiceMonitor, dashboards ----------------------------------------------------------------
+
+
+def test_service_monitor_scrapes_every_metrics_port(gpu_objs: dict[Key, dict[str, Any]]) -> None:
+    (sm,) = _by_kind(gpu_objs, "ServiceMonitor").values()
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["interval"] == "15s"
+    services = _by_kind(gpu_objs, "Service")
+    selected = {
+        n for n, s in services.items() if _selects(sm["spec"]["selector"], s["metadata"]["labels"])
+    }
+    assert selected == set(services) == {f"{RELEASE}-{s}" for s in (*STAGES, "operator")}
+    for name in selected:
+        assert "metrics" in {p["name"] for p in services[name]["spec"]["ports"]}, name
+
+
+def test_dashboards_configmap(gpu_objs: dict[Key, dict[str, Any]]) -> None:
+    cm = gpu_objs[("ConfigMap", "monitoring/sluice-dashboards")]
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Sluice"}
+    files = sorted((CHART / "files" / "dashboards").glob("*.json"))
+    assert files
+    assert cm["data"] == {f.name: f.read_text() for f in files}
+    assert sum(len(v.encode()) for v in cm["data"].values()) < 1024 * 1024  # ConfigMap limit
+
+
+def test_observability_objects_are_opt_in(default_objs: dict[Key, dict[str, Any]]) -> None:
+    kinds = {k for k, _ in default_objs}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
+    assert ("ConfigMap", "sluice-dashboards") not in default_objs
+
+
+# -- labels and selectors --------------------------------------------------------------------
+
+
+def test_labels_and_selectors_are_stable(
+    default_objs: dict[Key, dict[str, Any]], gpu_objs: dict[Key, dict[str, Any]]
+) -> None:
+    """Selectors hold only name/instance/component: immutable Deployment selectors must not
+    change when the chart version, the app version or any value changes."""
+    common = {
+        "helm.sh/chart",
+        "app.kubernetes.io/name",
+        "app.kubernetes.io/instance",
+        "app.kubernetes.io/component",
+        "app.kubernetes.io/version",
+        "app.kubernetes.io/managed-by",
+        "app.kubernetes.io/part-of",
+    }
+    for objs in (default_objs, gpu_objs):
+        for key, obj in objs.items():
+            assert common <= set(obj["metadata"]["labels"]), key
+            assert obj["metadata"]["namespace"] in (NAMESPACE, "monitoring", "research"), key
+        services = _by_kind(objs, "Service")
+        for name, deploy in _by_kind(objs, "Deployment").items():
+            selector = deploy["spec"]["selector"]["matchLabels"]
+            assert selector == {
+                "app.kubernetes.io/name": "sluice",
+                "app.kubernetes.io/instance": RELEASE,
+                "app.kubernetes.io/component": name.removeprefix(f"{RELEASE}-"),
+            }
+            assert selector.items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+            if name in services:
+                assert services[name]["spec"]["selector"] == selector
+    assert (
+        default_objs[("Deployment", "sluice-scoring")]["spec"]["selector"]
+        == gpu_objs[("Deployment", "sluice-scoring")]["spec"]["selector"]
+    )
+
+
+def test_operator_command_can_defer_to_the_image_entrypoint() -> None:
+    """Tilt's restart wrapper is the image entrypoint: the chart must be able to leave the
+    command out (operator.command=null, as the Tiltfile sets it) and keep the arguments."""
+    objs = render("operator.enabled=true", "operator.command=null")
+    (c,) = objs[("Deployment", "sluice-operator")]["spec"]["template"]["spec"]["containers"]
+    assert "command" not in c
+    assert c["args"] == ["--namespace", NAMESPACE]
+
+
+# -- NOTES.txt -------------------------------------------------------------------------------
+
+
+def test_notes_tell_how_to_publish_and_watch() -> None:
+    out = subprocess.run(
+        [
+            str(tool("helm")),
+            "install",
+            "--dry-run=client",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--values",
+            str(GPU_VALUES),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    notes = out.split("NOTES:", 1)[1]
+    bootstrap = yaml.safe_load(GPU_VALUES.read_text())["kafka"]["bootstrapServers"]
+    assert f"sluice publish corpus.jsonl --topic sluice.ingest --bootstrap {bootstrap}" in notes
+    assert f"kubectl -n {NAMESPACE} port-forward svc/sluice-scoring 9100:9100" in notes
+    assert "port-forward svc/<release>-grafana 3000:80" in notes
+    assert '"Sluice: curation pipeline"' in notes  # the dashboard's title, read from its JSON
+    assert "SluiceStageLagGrowing" in notes
