@@ -7,6 +7,7 @@ Cores never see protobuf or Kafka records: adapters convert at the edge
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -44,6 +45,9 @@ class Sample:
     metadata: dict[str, str] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
     lineage: list[LineageEvent] = field(default_factory=list)
+    embedding: list[float] | None = None
+    """A precomputed embedding of ``content`` (float32 on the wire), or None: stages
+    that need one (density) embed the text themselves."""
 
     @property
     def content(self) -> str:
@@ -65,3 +69,27 @@ class Outcome:
     def step(self) -> str:
         """The step that dropped the sample (the part of ``reason`` before ':')."""
         return self.reason.split(":", 1)[0] if self.reason else ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepCount:
+    """Samples entering a step of a stage and kept by it (derived from outcomes)."""
+
+    step: str
+    samples_in: int
+    samples_kept: int
+
+
+def step_counts(outcomes: Sequence[Outcome], steps: Sequence[str]) -> list[StepCount]:
+    """Per-step retention, derived from drop reasons ('<step>:<rule>'; steps run in order)."""
+    alive = len(outcomes)
+    dropped_by = {s: 0 for s in steps}
+    for o in outcomes:
+        if not o.kept and o.step in dropped_by:
+            dropped_by[o.step] += 1
+    out = []
+    for s in steps:
+        kept = alive - dropped_by[s]
+        out.append(StepCount(s, alive, kept))
+        alive = kept
+    return out

@@ -52,6 +52,12 @@ class BatchProcessor(Protocol):
         """Score names to record in histograms."""
         ...
 
+    @property
+    def steps(self) -> Sequence[str]:
+        """The steps a sample passes, in order; a drop reason starts with '<step>:'.
+        Per-step retention (sluice_step_samples) is derived from them."""
+        ...
+
     def process(self, samples: list[Sample]) -> list[Outcome]:
         """One outcome per input sample (plus any samples the stage creates)."""
         ...
@@ -244,7 +250,7 @@ class StageWorker:
         for o in outcomes:
             if not o.kept:
                 self.stats.reasons[o.reason] = self.stats.reasons.get(o.reason, 0) + 1
-        self.metrics.observe_outcomes(outcomes, self.processor.signals)
+        self.metrics.observe_outcomes(outcomes, self.processor.signals, self.processor.steps)
         self.metrics.batches.labels(self.stage).inc()
         self.metrics.batch_seconds.labels(self.stage).observe(time.perf_counter() - started)
         return futures

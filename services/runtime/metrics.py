@@ -15,13 +15,21 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from services.runtime.domain import Outcome
+from services.runtime.domain import Outcome, step_counts
 
 # Score histograms: buckets per signal, since a probability and a perplexity live
 # on different scales. Unknown signals get the unit-interval buckets.
 UNIT_BUCKETS: tuple[float, ...] = tuple(round(i / 20, 2) for i in range(1, 21))
 LOG_BUCKETS: tuple[float, ...] = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, math.inf)
-SCORE_BUCKETS: dict[str, tuple[float, ...]] = {"perplexity": LOG_BUCKETS}
+# Density is a fraction of the corpus (1/n .. 1), spread over decades; its importance
+# weight 1/p is >= 1.
+DENSITY_BUCKETS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1)
+WEIGHT_BUCKETS: tuple[float, ...] = (1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 1000, math.inf)
+SCORE_BUCKETS: dict[str, tuple[float, ...]] = {
+    "perplexity": LOG_BUCKETS,
+    "density": DENSITY_BUCKETS,
+    "density_weight": WEIGHT_BUCKETS,
+}
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -79,6 +87,19 @@ class StageMetrics:
             ["stage", "topic", "partition"],
             registry=r,
         )
+        self.generated_tokens = Counter(
+            "sluice_stage_generated_tokens",
+            "Tokens the stage's model generated (generating stages).",
+            ["stage"],
+            registry=r,
+        )
+        self.generation_seconds = Histogram(
+            "sluice_generation_seconds",
+            "Time of one batched generate() call.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.requests = Counter(
             "sluice_grpc_requests",
             "gRPC requests by method and status code.",
@@ -100,7 +121,12 @@ class StageMetrics:
             self._scores[signal] = h
         return h
 
-    def observe_outcomes(self, outcomes: Sequence[Outcome], signals: Iterable[str]) -> None:
+    def observe_outcomes(
+        self,
+        outcomes: Sequence[Outcome],
+        signals: Iterable[str],
+        steps: Sequence[str] = (),
+    ) -> None:
         """Record a processed batch: in/out/dropped counts, tokens and scores."""
         st = self.stage
         kept_tokens = 0
@@ -123,6 +149,13 @@ class StageMetrics:
         self.samples_out.labels(st).inc(kept)
         self.tokens_in.labels(st).inc(in_tokens)
         self.tokens_out.labels(st).inc(kept_tokens)
+        for count in step_counts(outcomes, steps):
+            self.observe_step(count.step, count.samples_in, count.samples_kept)
+
+    def observe_generation(self, tokens: int, seconds: float) -> None:
+        """Record one batched generate() call: tokens generated and its latency."""
+        self.generated_tokens.labels(self.stage).inc(tokens)
+        self.generation_seconds.labels(self.stage).observe(seconds)
 
     def observe_step(self, step: str, n_in: int, n_kept: int) -> None:
         self.step_samples.labels(self.stage, step, "in").inc(n_in)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from services.runtime.backends.base import LMBackend
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
@@ -25,15 +24,6 @@ from services.scoring.settings import STEP_ORDER, ScoringSettings, SignalPolicy,
 STAGE = "scoring"
 LLM_STEPS: frozenset[str] = frozenset({"perplexity", "ask_llm"})
 HIGHER_IS_BETTER = {"ask_llm": True, "perplexity": False}
-
-
-@dataclass(frozen=True, slots=True)
-class StepCount:
-    """Samples entering a step and kept by it (derived from outcomes)."""
-
-    step: str
-    samples_in: int
-    samples_kept: int
 
 
 class ScoringCore:
@@ -194,18 +184,3 @@ class ScoringCore:
         if HIGHER_IS_BETTER[step]:
             return ["" if v >= pol.threshold else "below_threshold" for v in scores]
         return ["" if v <= pol.threshold else "above_threshold" for v in scores]
-
-
-def step_counts(outcomes: Sequence[Outcome], steps: Sequence[str]) -> list[StepCount]:
-    """Per-step retention, derived from drop reasons (steps run in sequence)."""
-    alive = len(outcomes)
-    dropped_by = {s: 0 for s in steps}
-    for o in outcomes:
-        if not o.kept and o.step in dropped_by:
-            dropped_by[o.step] += 1
-    out = []
-    for s in steps:
-        kept = alive - dropped_by[s]
-        out.append(StepCount(s, alive, kept))
-        alive = kept
-    return out

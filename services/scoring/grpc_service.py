@@ -33,7 +33,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         validate_samples(samples)
         steps = self.core.resolve_steps(list(request.signals))
         outcomes = self.core.score(samples, steps, apply_policy=request.apply_policy)
-        self.metrics.observe_outcomes(outcomes, [s for s in steps if s != "heuristics"])
+        self.metrics.observe_outcomes(outcomes, [s for s in steps if s != "heuristics"], steps)
         resp = scoring_pb2.ScoreResponse(model_version=self.core.model_version)
         for o in outcomes:
             resp.results.add(sample=sample_to_proto(o.sample), kept=o.kept, drop_reason=o.reason)

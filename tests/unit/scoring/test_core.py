@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from gensim.test.utils import datapath
 
-from services.runtime.domain import Action, Sample
+from services.runtime.domain import Action, Sample, step_counts
 from services.runtime.errors import InvalidArgument
-from services.scoring.core import ScoringCore, step_counts
+from services.scoring.core import ScoringCore
 from services.scoring.settings import ScoringSettings, SignalPolicy
 
 DOCS = [
