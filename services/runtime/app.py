@@ -36,11 +36,13 @@ def run_service(
     make_register: Callable[[StageMetrics], Register],
     mode: Mode = "all",
     dropped_topic: str = "",
+    metrics: StageMetrics | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT. ``serve``: gRPC only; ``worker``: Kafka only;
-    ``all``: both, sharing the core (and its loaded model)."""
+    ``all``: both, sharing the core (and its loaded model). ``metrics``: the process's
+    registry, when the core records into it itself (e.g. generation latency)."""
     configure_logging(settings.log_level)
-    metrics = StageMetrics(stage)
+    metrics = metrics or StageMetrics(stage)
     if settings.metrics.enabled:
         _srv, port = serve_metrics(metrics, settings.metrics.host, settings.metrics.port)
         log.info("metrics on :%d/metrics", port)

@@ -3,7 +3,11 @@
 Scorers need two primitives, both a single prefill pass (no generation):
 ``next_token_logprobs`` (Ask-LLM: log P(candidate token | prompt) at the position
 after the prompt) and ``sequence_nll`` (perplexity: summed negative log-likelihood
-of a text's tokens). Backends batch internally (length bucketing, token budget).
+of a text's tokens). Generating stages (distillation, rewriting, synthesis) need a
+third, ``generate``: batched decoding of many prompts with the limits of
+``GenerationParams``, optionally returning the top-k token logprobs of every generated
+position (a teacher's distribution for knowledge distillation). Backends batch
+internally (length bucketing, token budget; continuous batching on vLLM).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from services.runtime.settings import StrictModel
 
@@ -48,6 +52,77 @@ class ModelSettings(StrictModel):
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="vLLM only: fraction of GPU memory for weights + KV cache."
     )
+    generation_tokens: int = Field(
+        1,
+        ge=1,
+        le=32768,
+        description="vLLM only: tokens per sequence the engine reserves for generation on top "
+        "of the prompt budget (max_model_len = max_tokens + prompt margin + this). Scoring "
+        "needs 1; a generating service sets it to its largest max_new_tokens. The torch "
+        "backend allocates per call and ignores it.",
+    )
+
+
+class GenerationParams(StrictModel):
+    """Limits and sampling of one ``generate`` call: service settings hold the defaults,
+    requests override them field by field (validated again after the merge)."""
+
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="Most tokens generated per prompt.")
+    temperature: float = Field(
+        0.0, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy (deterministic)."
+    )
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (only with temperature > 0)."
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Stop strings: generation of a prompt ends where one appears; the stop "
+        "string and everything after it are not returned.",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="Sampling seed: the same seed and prompt give the same output (per prompt, "
+        "whatever else is in the batch). None = fresh randomness per prompt.",
+    )
+    top_logprobs: int = Field(
+        0,
+        ge=0,
+        le=128,
+        description="k > 0: also return the k most likely tokens and their logprobs at every "
+        "generated position, from the model's raw distribution (distillation).",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
+        return stop
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One prompt's generated continuation."""
+
+    text: str
+    """Decoded text, special tokens skipped, cut before the first stop string."""
+    token_ids: list[int]
+    """Generated ids after stop-trimming (EOS excluded; a token that straddles a stop
+    string is excluded with it, so ``text`` may hold a few characters more)."""
+    finish_reason: FinishReason
+    """'stop': EOS or a stop string; 'length': ``max_new_tokens`` reached."""
+    prompt_tokens: int
+    """Tokens of the prompt as the model saw it (BOS included)."""
+    top_ids: np.ndarray | None = None
+    """(len(token_ids), k) int32: the k most likely ids at each generated position."""
+    top_logprobs: np.ndarray | None = None
+    """(len(token_ids), k) float32: their natural-log probabilities, best first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +138,7 @@ class NLL:
 
 
 class LMBackend(Protocol):
-    """A causal LM that can score prompts in batches with one prefill pass each."""
+    """A causal LM that scores prompts (one prefill pass each) and generates, in batches."""
 
     @property
     def model_version(self) -> str:
@@ -96,4 +171,10 @@ class LMBackend(Protocol):
     def sequence_nll(self, texts: list[str]) -> list[NLL]:
         """Negative log-likelihood of each text's tokens (the first token is conditioned
         on BOS when the model has one), truncated to the token budget."""
+        ...
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
+        """One ``Generation`` per prompt, in order. Prompts are already rendered (use
+        ``render_chat`` for chat models) and encoded like ``encode_prompt``; a prompt
+        over the backend's prompt budget is refused (InvalidArgument), never cut."""
         ...

@@ -1,8 +1,8 @@
 """Tokenizer-side operations every Hugging Face tokenizer backend shares.
 
 TorchBackend and VLLMBackend load the same tokenizer and must build prompts, count,
-truncate and encode exactly alike (so the two engines score the same ids); they both
-inherit this instead of keeping two copies.
+truncate and encode exactly alike (so the two engines score the same ids), and cut
+generations at stop strings alike; they both inherit this instead of keeping two copies.
 """
 
 from __future__ import annotations
@@ -76,3 +76,22 @@ class TokenizerText:
     def encode_for_nll(self, texts: list[str], budget: int) -> list[list[int]]:
         """Each text's first ``budget`` tokens (head kept), after BOS when there is one."""
         return [self.with_bos(self.token_ids(t)[:budget]) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids as text, special tokens (EOS, padding) skipped."""
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+
+    def ids_within(self, ids: list[int], chars: int) -> list[int]:
+        """The longest prefix of ``ids`` whose text is at most ``chars`` characters: the
+        tokens wholly before a cut. Walks back from the end, since a cut made at a stop
+        string lies within the last few tokens."""
+        n = len(ids)
+        while n and len(self.decode(ids[:n])) > chars:
+            n -= 1
+        return ids[:n]
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Index of the earliest stop string in ``text``, or None when none occurs."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None

@@ -12,22 +12,50 @@ small machine:
   cross-entropy run over row chunks of a bounded size.
 - bfloat16 where the hardware has it (AMX/AVX512-BF16 CPUs, CUDA): about 3x float32 on
   CPU with the same perplexity ranking. Softmax and the NLL sums are in float32/float64.
+
+Generation runs transformers' ``generate`` (KV cache, left padding, per-architecture
+cache handling) over length buckets, always in its greedy mode; two logits processors
+and one stopping criterion make it exact for this interface:
+
+- ``TopKRecorder`` runs first on the raw logits and keeps the top-k logprobs of every
+  step (a few KB, instead of ``output_logits``' full ``steps x batch x vocab`` float32).
+- ``SeededSampler`` (temperature > 0) draws each row's token with that row's own
+  ``torch.Generator`` and hands greedy a one-hot row, so a seeded prompt samples the
+  same tokens whatever else shares its batch.
+- ``StopOnStrings`` ends a row when a stop string appears in its generated text.
+The model's own ``generation_config`` sampling defaults (repetition penalty, top-k ...)
+are dropped at load: ``GenerationParams`` alone decides, as on vLLM.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
-from services.runtime.backends.base import NLL, ModelSettings
+from services.runtime.backends.base import (
+    NLL,
+    FinishReason,
+    Generation,
+    GenerationParams,
+    ModelSettings,
+)
 from services.runtime.backends.models import ResolvedModel, resolve_model
-from services.runtime.backends.text import TokenizerText
+from services.runtime.backends.text import TokenizerText, first_stop
 from services.runtime.errors import ConfigError, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -136,6 +164,15 @@ class TorchBackend(TokenizerText):
         # Padding is always masked, so any valid id will do.
         self._pad: int = int(pad) if pad is not None else 0
         self._max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self._eos: list[int] = _eos_ids(self._model.generation_config, self._tokenizer)
+        # Where a generated row ends: EOS, or the padding generate() appends after a row
+        # stopped early (when padding is a special token, never text).
+        special = set(self._tokenizer.all_special_ids)
+        self._ends = frozenset(self._eos) | (frozenset({self._pad}) & special)
+        # Only the special ids survive from the checkpoint's generation defaults.
+        self._model.generation_config = GenerationConfig(
+            bos_token_id=self._bos, eos_token_id=self._eos, pad_token_id=self._pad
+        )
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -215,6 +252,94 @@ class TorchBackend(TokenizerText):
                     results[i] = NLL(float(part.sum().item()), int(n))
         return results
 
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
+        encoded = [self.encode_prompt(p) for p in prompts]
+        self._check_generation_prompts(encoded, params.max_new_tokens)
+        seeds = [params.seed if params.seed is not None else secrets.randbits(63) for _ in prompts]
+        results: list[Generation | None] = [None] * len(prompts)
+        # The bucket budget counts the KV cache each row grows to, not just its prompt.
+        lengths = [len(ids) + params.max_new_tokens for ids in encoded]
+        with torch.inference_mode():
+            for batch in length_buckets(lengths, self._settings.batch_tokens):
+                done = self._generate_batch(
+                    [encoded[i] for i in batch], [seeds[i] for i in batch], params
+                )
+                for i, generation in zip(batch, done, strict=True):
+                    results[i] = generation
+        return cast(list[Generation], results)  # every index is in exactly one bucket
+
+    def _check_generation_prompts(self, encoded: list[list[int]], max_new_tokens: int) -> None:
+        if any(not ids for ids in encoded):
+            raise InvalidArgument("empty prompt: the model has no BOS to start from")
+        limit = self.max_prompt_tokens
+        if self._max_positions:
+            limit = min(limit, self._max_positions - max_new_tokens)
+        longest = max((len(ids) for ids in encoded), default=0)
+        if longest > limit:
+            raise InvalidArgument(
+                f"a prompt has {longest} tokens; at most {limit} fit with max_new_tokens="
+                f"{max_new_tokens}: truncate the input (backend.truncate) before rendering"
+            )
+
+    def _generate_batch(
+        self, seqs: list[list[int]], seeds: list[int], params: GenerationParams
+    ) -> list[Generation]:
+        ids, mask = self._pad_batch(seqs, left=True)
+        width = ids.shape[1]
+        recorder = TopKRecorder(params.top_logprobs) if params.top_logprobs else None
+        processors: list[LogitsProcessor] = [recorder] if recorder else []
+        if params.temperature > 0:
+            processors.append(SeededSampler(params.temperature, params.top_p, seeds))
+        criteria = [StopOnStrings(self.decode, params.stop, width)] if params.stop else []
+        out = self._model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=GenerationConfig(
+                max_new_tokens=params.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                bos_token_id=self._bos,
+                eos_token_id=self._eos,
+                pad_token_id=self._pad,
+            ),
+            logits_processor=LogitsProcessorList(processors),
+            stopping_criteria=StoppingCriteriaList(criteria),
+        )
+        generated = out[:, width:].cpu().tolist()
+        top = recorder.stacked() if recorder else None
+        return [
+            self._finish(row, len(seqs[r]), params, None if top is None else (top[0][r], top[1][r]))
+            for r, row in enumerate(generated)
+        ]
+
+    def _finish(
+        self,
+        row: list[int],
+        prompt_tokens: int,
+        params: GenerationParams,
+        top: tuple[np.ndarray, np.ndarray] | None,
+    ) -> Generation:
+        """One row's ids cut at its first terminator (EOS, or padding after a stop), then
+        its text cut before the first stop string."""
+        end = next((j for j, t in enumerate(row) if t in self._ends), None)
+        reason: FinishReason = "length" if end is None else "stop"
+        ids = row if end is None else row[:end]
+        text = self.decode(ids)
+        cut = first_stop(text, params.stop)
+        if cut is not None:
+            reason, text = "stop", text[:cut]
+            ids = self.ids_within(ids, cut)
+        return Generation(
+            text=text,
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            top_ids=None if top is None else top[0][: len(ids)],
+            top_logprobs=None if top is None else top[1][: len(ids)],
+        )
+
     # -- internals --------------------------------------------------------------------------
 
     def _pad_batch(self, seqs: list[list[int]], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,3 +390,92 @@ def _chunks(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, rows.shape[0], size):
         yield rows[start : start + size], targets[start : start + size]
+
+
+def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a generation: the checkpoint's (some list several, e.g. Llama 3's
+    end-of-turn and end-of-text), else the tokenizer's EOS."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
+
+
+class TopKRecorder(LogitsProcessor):
+    """Records the k most likely tokens and their logprobs at every step, from the raw
+    logits (it runs first, and the generation config adds no processor before it)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._ids: list[torch.Tensor] = []
+        self._logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
+        values, ids = logprobs.topk(min(self.k, logprobs.shape[-1]), dim=-1)
+        self._ids.append(ids.to(torch.int32).cpu())
+        self._logprobs.append(values.cpu())
+        return scores
+
+    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        """(batch, steps, k) int32 ids and float32 logprobs."""
+        if not self._ids:
+            return np.zeros((0, 0, self.k), np.int32), np.zeros((0, 0, self.k), np.float32)
+        ids = torch.stack(self._ids, dim=1).numpy()
+        return ids, torch.stack(self._logprobs, dim=1).float().numpy()
+
+
+class SeededSampler(LogitsProcessor):
+    """Temperature + nucleus sampling with one random stream per row.
+
+    Each row draws one uniform per step from its own generator and picks the token by
+    inverse CDF; the returned scores are 0 at that token and -inf elsewhere, so the
+    greedy step of ``generate`` takes it. A row's draws depend only on its seed and its
+    own distribution, never on its batch neighbours.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seeds: list[int]) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self._generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            probs = _nucleus(probs, self.top_p)
+        cdf = probs.cumsum(dim=-1)
+        u = torch.stack([torch.rand((), generator=g) for g in self._generators])
+        target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+        pick = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
+        out = torch.full_like(scores, -torch.inf)
+        return cast(torch.FloatTensor, out.scatter_(1, pick, 0.0))
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` with everything outside the smallest set of mass >= top_p zeroed (the
+    most likely token always stays); not renormalized."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+
+
+class StopOnStrings(StoppingCriteria):
+    """Ends a row once a stop string appears in its generated text (prompt excluded).
+
+    Only the last tokens are decoded each step: a stop string that just completed lies
+    within them (a token decodes to at least one character, or a few bytes of one).
+    """
+
+    def __init__(self, decode: Any, stops: list[str], prompt_width: int) -> None:
+        self._decode = decode
+        self._stops = stops
+        self._width = prompt_width
+        self._window = 4 * max(len(s) for s in stops) + 4
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        tails = input_ids[:, self._width :][:, -self._window :].tolist()
+        hits = [first_stop(self._decode(tail), self._stops) is not None for tail in tails]
+        return cast(torch.BoolTensor, torch.tensor(hits, dtype=torch.bool, device=input_ids.device))

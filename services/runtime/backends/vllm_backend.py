@@ -20,6 +20,12 @@ API used here exists since about 0.28):
 - ``sequence_nll``: ``prompt_logprobs=0`` returns, for every prompt position after the
   first, the logprob of the actual prompt token (prompt positions never pass through the
   sampling processors, so they are raw in every ``logprobs_mode``).
+- ``generate``: one request per prompt with ``SamplingParams(max_tokens, temperature,
+  top_p, stop, seed, logprobs=k)``; vLLM batches continuously. Its outputs are brought to
+  ``TorchBackend``'s shape: vLLM keeps the EOS id and the tokens that completed a stop
+  string in ``token_ids`` (the text is already cut), so both are trimmed; ``logprobs=k``
+  returns the top k plus the sampled token, so the top k are taken by value. The engine
+  reserves ``ModelSettings.generation_tokens`` per sequence for generated tokens.
 
 Prompts go in as token ids (``{"prompt_token_ids": [...]}``, vLLM's TokensPrompt), encoded
 by the model's own Hugging Face tokenizer exactly as ``TorchBackend`` encodes them: a
@@ -37,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from services.runtime.backends.base import NLL, ModelSettings
+from services.runtime.backends.base import NLL, Generation, GenerationParams, ModelSettings
 from services.runtime.backends.models import ResolvedModel, resolve_model
 from services.runtime.backends.text import TokenizerText
 from services.runtime.errors import ConfigError, InvalidArgument, SluiceError
@@ -96,9 +102,9 @@ class VLLMBackend(TokenizerText):
         self._vocab = int(text_config.vocab_size)
         self._bos: int | None = self._tokenizer.bos_token_id
 
-        # Room for the longest prompt next_token_logprobs accepts plus the one sampled
-        # token; a short max_model_len keeps vLLM's KV-cache reservation per sequence small.
-        wanted = settings.max_tokens + PROMPT_MARGIN_TOKENS + 1
+        # Room for the longest prompt next_token_logprobs accepts plus the generated tokens
+        # (1 for scoring); a short max_model_len keeps vLLM's KV-cache reservation small.
+        wanted = settings.max_tokens + PROMPT_MARGIN_TOKENS + settings.generation_tokens
         positions = getattr(text_config, "max_position_embeddings", None)
         self._max_model_len = min(wanted, int(positions)) if positions else wanted
         self._max_prompt_tokens = min(
@@ -197,6 +203,36 @@ class VLLMBackend(TokenizerText):
             results[i] = prompt_nll(output.prompt_logprobs, encoded[i])
         return results
 
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
+        if not prompts:
+            return []
+        encoded = [self.encode_prompt(p) for p in prompts]
+        if any(not ids for ids in encoded):
+            raise InvalidArgument("empty prompt: the model has no BOS to start from")
+        limit = min(self._max_prompt_tokens, self._max_model_len - params.max_new_tokens)
+        longest = max(len(ids) for ids in encoded)
+        if longest > limit:
+            raise InvalidArgument(
+                f"a prompt has {longest} tokens; at most {limit} fit with max_new_tokens="
+                f"{params.max_new_tokens} in max_model_len {self._max_model_len} (truncate the "
+                "input, or raise model.generation_tokens)"
+            )
+        sampling = self._sampling_params(
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+            logprobs=params.top_logprobs or None,
+        )
+        outputs = self._generate(encoded, sampling)
+        return [
+            generation_from_output(out, len(ids), params.top_logprobs, self)
+            for out, ids in zip(outputs, encoded, strict=True)
+        ]
+
     # -- internals --------------------------------------------------------------------------
 
     def _generate(self, encoded: list[list[int]], params: Any) -> list[Any]:
@@ -251,6 +287,49 @@ def prompt_nll(prompt_logprobs: Sequence[Any] | None, ids: Sequence[int]) -> NLL
             raise SluiceError(f"vLLM returned no logprob for prompt token {ids[pos]} at {pos}")
         total -= float(entry.logprob)
     return NLL(total, len(ids) - 1)
+
+
+def generation_from_output(
+    output: Any, prompt_tokens: int, k: int, text: TokenizerText
+) -> Generation:
+    """A ``Generation`` from one vLLM ``RequestOutput``, trimmed like TorchBackend's:
+    no EOS id, no tokens of (or after) a stop string, top-k by value."""
+    completion = output.outputs[0]
+    ids = [int(t) for t in completion.token_ids]
+    special = set(text.tokenizer.all_special_ids)
+    while ids and ids[-1] in special:
+        ids.pop()
+    if isinstance(completion.stop_reason, str):  # a stop string: vLLM cut the text only
+        ids = text.ids_within(ids, len(completion.text))
+    top_ids = top_logprobs = None
+    if k:
+        steps = completion.logprobs
+        if steps is None or len(steps) < len(ids):
+            got = "none" if steps is None else str(len(steps))
+            raise SluiceError(f"vLLM returned {got} logprob steps for {len(ids)} tokens")
+        top_ids, top_logprobs = top_k_arrays(steps[: len(ids)], k)
+    return Generation(
+        text=str(completion.text),
+        token_ids=ids,
+        finish_reason="length" if completion.finish_reason == "length" else "stop",
+        prompt_tokens=prompt_tokens,
+        top_ids=top_ids,
+        top_logprobs=top_logprobs,
+    )
+
+
+def top_k_arrays(steps: Sequence[Any], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, k) int32 ids and float32 logprobs, best first, from vLLM's per-step dicts (the
+    top k plus the sampled token, which may rank below them)."""
+    ids = np.zeros((len(steps), k), dtype=np.int32)
+    values = np.zeros((len(steps), k), dtype=np.float32)
+    for t, step in enumerate(steps):
+        best = sorted(step.items(), key=lambda item: -float(item[1].logprob))[:k]
+        if len(best) < k:
+            raise SluiceError(f"vLLM returned {len(best)} logprobs at step {t}, wanted {k}")
+        ids[t] = [int(token) for token, _ in best]
+        values[t] = [float(entry.logprob) for _, entry in best]
+    return ids, values
 
 
 def _require_logprob_token_ids(sampling_params: Any, version: str) -> None:

@@ -1,0 +1,1 @@
+"""Distillation: teacher responses with compact top-k token logprobs for KD training."""
