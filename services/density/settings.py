@@ -1,0 +1,177 @@
+"""Typed settings of the density service (env prefix ``SLUICE_DENSITY_``).
+
+Nested blocks use ``__``: ``SLUICE_DENSITY_STORE__ENDPOINT=minio:9000``,
+``SLUICE_DENSITY_SKETCH__WIDTH=0.8``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.density.sketch import SketchParams
+from services.runtime.backends.embeddings import EmbeddingSettings
+from services.runtime.settings import KafkaSettings, ServiceSettings, StrictModel
+
+Mode = Literal["two_pass_build", "two_pass_sample", "online"]
+
+
+class SketchSettings(StrictModel):
+    """The RACE sketch's parameters (with ``seed``, its identity) and its name/version."""
+
+    name: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Sketch name: the store folder and the gRPC name of the stage's sketch.",
+    )
+    version: int | None = Field(
+        None,
+        ge=1,
+        description="Build version. two_pass_build: required (the version being built). "
+        "two_pass_sample / merge: the version to load; unset = the latest merged version.",
+    )
+    dim: int = Field(
+        0, ge=0, description="Embedding dimension; 0 = the embedding model's (384 for MiniLM)."
+    )
+    rows: int = Field(200, ge=1, description="R: independent hash rows; variance ~ 1/R.")
+    hashes_per_row: int = Field(
+        2, ge=1, description="K: p-stable hashes per row; larger K = narrower kernel."
+    )
+    buckets: int = Field(
+        4096, ge=2, description="B: buckets per row; rehash collisions add ~n/B to every score."
+    )
+    width: float = Field(
+        1.0, gt=0, description="p-stable bucket width (bandwidth) in L2-normalised space."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the hash functions (part of the identity).")
+
+    def params(self, dim: int) -> SketchParams:
+        """The sketch parameters for embeddings of ``dim`` dimensions."""
+        return SketchParams(
+            dim=dim,
+            rows=self.rows,
+            hashes_per_row=self.hashes_per_row,
+            buckets=self.buckets,
+            width=self.width,
+            seed=self.seed,
+        )
+
+
+class StoreSettings(StrictModel):
+    """Where sketches live: an S3-compatible object store (MinIO, S3, Ceph)."""
+
+    endpoint: str = Field(
+        "", description="host:port of the S3 API, e.g. 'minio:9000'; '' = no store."
+    )
+    bucket: str = Field("sluice-sketches", description="Bucket holding the sketches.")
+    prefix: str = Field("density", description="Key prefix inside the bucket.")
+    secure: bool = Field(True, description="HTTPS; false for an in-cluster plain-HTTP MinIO.")
+    region: str = Field("us-east-1", description="Region the client signs requests for.")
+    access_key: SecretStr | None = Field(
+        None,
+        description="Access key; unset = AWS_ACCESS_KEY_ID / MINIO_ACCESS_KEY from the "
+        "environment (e.g. a Kubernetes Secret mounted as env).",
+    )
+    secret_key: SecretStr | None = Field(
+        None, description="Secret key; unset = AWS_SECRET_ACCESS_KEY / MINIO_SECRET_KEY."
+    )
+    create_bucket: bool = Field(
+        False, description="Create the bucket if missing (dev); production provisions it."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)
+
+
+def default_worker_id() -> str:
+    """Host (pod name) + pid + random suffix: unique per process start, so a restarted
+    pass-1 worker publishes a new part instead of overwriting the one it published before."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class DensityKafkaSettings(KafkaSettings):
+    """The stage's topics: after scoring, before the trainer."""
+
+    input_topic: str = Field("sluice.scored", description="Topic of SampleBatch messages.")
+    output_topic: str = Field(
+        "sluice.sampled", description="Kept samples (pass 2, online); unused by pass 1."
+    )
+    group_id: str = Field(
+        "sluice-density", description="Consumer group base name (see DensitySettings.kafka)."
+    )
+
+
+class DensitySettings(ServiceSettings):
+    """Everything the density service reads."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_DENSITY_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    kafka: DensityKafkaSettings = Field(  # type: ignore[assignment]
+        default_factory=DensityKafkaSettings,  # type: ignore[arg-type]
+        description="Worker topics. The consumer group gets a per-pass suffix "
+        "('<group>.build.<name>.v<version>', '<group>.sample.<name>.v<version>'; online mode "
+        "uses it as is) so the two passes never share committed offsets.",
+    )
+    mode: Mode = Field(
+        "two_pass_sample",
+        description="'two_pass_build': pass 1, sketch the input and publish a part to the "
+        "store (emits nothing downstream); 'two_pass_sample': pass 2, load the merged sketch "
+        "and subsample by inverse density; 'online': one pass, score against the sketch so far "
+        "then add (approximate, for unbounded streams).",
+    )
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)  # type: ignore[arg-type]
+    sketch: SketchSettings = Field(default_factory=SketchSettings)  # type: ignore[arg-type]
+    store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
+    target_rate: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Expected kept fraction of the stream (two_pass_sample, online).",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=1 << 64,
+        description="Seed of the keep decisions and of the calibration sample.",
+    )
+    calibration_size: int = Field(
+        4096,
+        ge=16,
+        description="Size of the uniform sample of sketched points (bottom-k by hashed id) "
+        "kept with each sketch to calibrate c; the kept fraction's error is ~0.5/sqrt(size).",
+    )
+    warmup: int = Field(
+        1000,
+        ge=0,
+        description="online: keep every sample until the sketch holds this many points.",
+    )
+    worker_id: str = Field(
+        default_factory=default_worker_id,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Name of this pass-1 worker's part in the store; unique per process.",
+    )
+    build_idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="two_pass_build: publish the part and exit after this long without input "
+        "(the topic is drained). Counted from start, so it must exceed the consumer group "
+        "join time (about session_timeout_ms / 2 on some brokers).",
+    )
+    max_request_samples: int = Field(4096, ge=1, description="Most samples per gRPC request.")
+    dropped_topic: str = Field(
+        "", description="If set, dropped samples (with their lineage) are written here for audit."
+    )
+
+    @model_validator(mode="after")
+    def _build_needs_version(self) -> DensitySettings:
+        if self.mode == "two_pass_build" and self.sketch.version is None:
+            raise ValueError("mode 'two_pass_build' needs sketch.version (the version to build)")
+        return self
