@@ -81,8 +81,14 @@ def tansu_binary() -> Path:
     return Path(spec.submodule_search_locations[0]) / "bin" / "tansu"
 
 
-def _spawn(name: str, argv: list[str], port: int, env: dict[str, str] | None = None) -> Server:
-    workdir = Path(tempfile.mkdtemp(prefix=f"sluice-{name}-"))
+def _spawn(
+    name: str,
+    argv: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    workdir: Path | None = None,
+) -> Server:
+    workdir = workdir or Path(tempfile.mkdtemp(prefix=f"sluice-{name}-"))
     log_path = workdir / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -127,6 +133,36 @@ def start_moto(port: int | None = None) -> Server:
     port = port or free_port()
     exe = Path(sys.executable).with_name("moto_server")
     return _spawn("moto", [str(exe), "-H", "127.0.0.1", "-p", str(port)], port)
+
+
+def start_prometheus(targets: list[str], scrape_interval: str = "1s") -> Server:
+    """A real Prometheus server (``scripts/install_prometheus.sh`` puts it in the venv)
+    scraping ``targets`` (host:port of /metrics endpoints)."""
+    exe = Path(sys.executable).with_name("prometheus")
+    if not exe.is_file():
+        raise RuntimeError(f"{exe} missing: run make install (scripts/install_prometheus.sh)")
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-prometheus-"))
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        f"  scrape_interval: {scrape_interval}\n"
+        f"  evaluation_interval: {scrape_interval}\n"
+        "scrape_configs:\n"
+        "  - job_name: sluice\n"
+        f"    static_configs: [{{targets: {targets!r}}}]\n"
+    )
+    return _spawn(
+        "prometheus",
+        [
+            str(exe),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        port,
+        workdir=workdir,
+    )
 
 
 if __name__ == "__main__":
