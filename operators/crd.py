@@ -32,7 +32,7 @@ from pydantic.alias_generators import to_camel
 from operators.planner import ScalingPolicy
 
 # Services that exist in the image (one package per stage under services/).
-StageKind = Literal["scoring", "density", "rewrite", "distill"]
+StageKind = Literal["scoring", "density", "rewrite", "synth", "distill"]
 
 DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 TOPIC = r"^[a-zA-Z0-9._-]{1,249}$"

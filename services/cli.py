@@ -2,7 +2,9 @@
 
 sluice demo [--out DIR]                 build the demo corpus and curate it
 sluice run INPUT --out DIR [--config]   curate a JSONL/Parquet file in process
-sluice serve scoring [serve|worker|all] run a service (gRPC and/or Kafka worker)
+sluice serve SERVICE [serve|worker|all] run a service (gRPC and/or Kafka worker);
+                                        SERVICE: scoring, density, rewrite, synth, distill
+sluice density merge --name N --version V   merge pass-1 sketch parts in the store
 sluice publish INPUT --topic T          publish a corpus to a Kafka ingest topic
 sluice topics T [T ...]                 create Kafka topics (idempotent)
 """
@@ -21,8 +23,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from services.runtime.errors import SluiceError
 
+# Services with a process entry point (python -m services.<name>).
+SERVICES = ["scoring", "density", "rewrite", "synth", "distill"]
 
-def _load_run_settings(config: str | None, steps: str | None):  # type: ignore[no-untyped-def]
+
+def _load_run_settings(  # type: ignore[no-untyped-def]
+    config: str | None, steps: str | None, stages: str | None = None
+):
     import yaml
 
     from services.local.runner import RunSettings
@@ -37,13 +44,15 @@ def _load_run_settings(config: str | None, steps: str | None):  # type: ignore[n
     if steps:
         settings.scoring.steps = [s.strip() for s in steps.split(",") if s.strip()]  # type: ignore[misc]
         settings = RunSettings.model_validate(settings.model_dump())
+    if stages:
+        settings.stages = [s.strip() for s in stages.split(",") if s.strip()]
     return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from services.local.runner import run_local
 
-    settings = _load_run_settings(args.config, args.steps)
+    settings = _load_run_settings(args.config, args.steps, args.stages)
     report = run_local(Path(args.input), Path(args.out), settings, progress=not args.no_progress)
     _print_summary(report)
     return 0
@@ -58,7 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     corpus = out / "input.jsonl"
     n = write_jsonl(build_demo_corpus(seed=args.seed), corpus)
     print(f"demo corpus: {n} documents (real news text from gensim + generated junk) -> {corpus}")
-    settings = _load_run_settings(args.config, args.steps)
+    settings = _load_run_settings(args.config, args.steps, args.stages)
     report = run_local(corpus, out, settings, progress=not args.no_progress)
     _print_summary(report)
     return 0
@@ -91,11 +100,38 @@ def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.service != "scoring":
-        raise SluiceError(f"unknown service {args.service!r}; available: scoring")
-    from services.scoring.__main__ import main as scoring_main
+    import importlib
 
-    return scoring_main([args.mode] + (["--config", args.config] if args.config else []))
+    argv = [args.mode] + (["--config", args.config] if args.config else [])
+    entry = importlib.import_module(f"services.{args.service}.__main__")
+    return int(entry.main(argv))
+
+
+def cmd_density_merge(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from services.density.__main__ import build
+    from services.density.settings import DensitySettings, SketchSettings
+    from services.density.worker import merge_version, require_store
+    from services.runtime.settings import load_settings
+
+    base = load_settings(DensitySettings, args.config)
+    chosen = {k: v for k, v in (("name", args.name), ("version", args.version)) if v}
+    try:
+        sketch = SketchSettings.model_validate({**base.sketch.model_dump(), **chosen})
+    except ValidationError as exc:
+        raise SluiceError(f"invalid sketch name/version: {exc}") from exc
+    settings = base.model_copy(update={"sketch": sketch})
+    core, store = build(settings)
+    merged = merge_version(core, require_store(settings, store), overwrite=args.force)
+    print(
+        f"merged {len(merged.parts)} part(s) of sketch {merged.name} v{merged.version}: "
+        f"n={merged.n}, calibration points={len(merged.calibration)}, "
+        f"fingerprint={merged.fingerprint}"
+    )
+    for part in merged.parts:
+        print(f"  {part.worker_id}: n={part.n}")
+    return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -143,7 +179,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_topics(args: argparse.Namespace) -> int:
     from services.runtime.kafka_stage import ensure_topics
 
-    ensure_topics(args.bootstrap, args.topics, partitions=args.partitions)
+    ensure_topics(
+        args.bootstrap, args.topics, partitions=args.partitions, replication=args.replication
+    )
     print("ok:", ", ".join(args.topics))
     return 0
 
@@ -158,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML run settings (stages, scoring: {...})")
         p.add_argument(
             "--steps", help="scoring steps, comma-separated (default heuristics,perplexity,ask_llm)"
+        )
+        p.add_argument(
+            "--stages", help="stages, comma-separated (default scoring; e.g. scoring,density)"
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -174,10 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("serve", help="run a service process")
-    p.add_argument("service", choices=["scoring"])
+    p.add_argument("service", choices=SERVICES)
     p.add_argument("mode", nargs="?", default="all", choices=["serve", "worker", "all"])
     p.add_argument("--config")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("density", help="density sketch operations")
+    dsub = p.add_subparsers(dest="action", required=True)
+    m = dsub.add_parser("merge", help="merge the pass-1 parts of a sketch version in the store")
+    m.add_argument("--name", help="sketch name (default: sketch.name of the settings)")
+    m.add_argument("--version", type=int, help="version to merge (default: sketch.version)")
+    m.add_argument("--config", help="YAML density settings (env SLUICE_DENSITY_* overrides)")
+    m.add_argument("--force", action="store_true", help="overwrite an existing merged version")
+    m.set_defaults(fn=cmd_density_merge)
 
     p = sub.add_parser("publish", help="publish a JSONL/Parquet corpus to a Kafka topic")
     p.add_argument("input")
@@ -196,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap", default=os.environ.get("SLUICE_KAFKA_BOOTSTRAP", "localhost:9092")
     )
     p.add_argument("--partitions", type=int, default=4)
+    p.add_argument(
+        "--replication",
+        type=int,
+        default=1,
+        help="replication factor of created topics (production clusters: 3)",
+    )
     p.set_defaults(fn=cmd_topics)
     return ap
 

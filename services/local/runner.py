@@ -5,6 +5,10 @@ process (an in-process bus: each stage's kept output is the next stage's
 input, exactly as on Kafka), and writes kept.jsonl, scores.jsonl and the
 report. Bad input records are not fatal and not lost: each is listed in
 scores.jsonl with an ``input:<why>`` reason.
+
+The density stage needs the whole of its input before it can decide (two passes: sketch
+everything scoring kept, then subsample it by inverse density), so scoring's kept samples
+wait in memory, with their embeddings computed once, until scoring has finished.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,21 +26,44 @@ from typing import Any, TextIO
 from pydantic import Field
 from tqdm import tqdm
 
+from services.density.core import DensityCore
+from services.density.settings import DensitySettings
+from services.distill.settings import DistillSettings
 from services.local.report import RunReport, StepReport, summarize_scores, write_report
-from services.runtime.domain import Sample
+from services.rewrite.settings import RewriteSettings
+from services.runtime.domain import Outcome, Sample, step_counts
 from services.runtime.errors import InvalidArgument
+from services.runtime.kafka_stage import BatchProcessor
 from services.runtime.settings import StrictModel
-from services.scoring.core import ScoringCore, step_counts
+from services.scoring.core import ScoringCore
 from services.scoring.settings import ScoringSettings
+from services.synth.settings import SynthSettings
+
+STAGES = ("scoring", "density", "rewrite", "synth", "distill")
+# Stages that change or create samples: each batch that survived the stages before goes
+# through them in order, as on the Kafka topic chain.
+GENERATION_STAGES = ("rewrite", "synth", "distill")
 
 
 class RunSettings(StrictModel):
     """A local run: which stages, their settings, batching."""
 
     stages: list[str] = Field(
-        default_factory=lambda: ["scoring"], description="Stages in order; available: scoring."
+        default_factory=lambda: ["scoring"],
+        description="Stages in order; available: scoring, density, rewrite, synth, distill. "
+        "'density' subsamples what scoring kept by inverse density; rewrite/synth/distill "
+        "generate with the LLM (all off by default: they change what a run keeps and "
+        "load further models).",
     )
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)  # type: ignore[arg-type]
+    density: DensitySettings = Field(
+        default_factory=DensitySettings,  # type: ignore[arg-type]
+        description="Density settings. Locally, mode 'online' runs one pass; any other mode "
+        "runs both passes in process (no broker, no object store).",
+    )
+    rewrite: RewriteSettings = Field(default_factory=RewriteSettings)  # type: ignore[arg-type]
+    synth: SynthSettings = Field(default_factory=SynthSettings)  # type: ignore[arg-type]
+    distill: DistillSettings = Field(default_factory=DistillSettings)  # type: ignore[arg-type]
     batch_size: int = Field(32, ge=1, description="Samples per in-process batch.")
     text_field: str = Field("text", description="Input field holding the document text.")
     id_field: str = Field("id", description="Input field holding the sample id (optional).")
@@ -82,6 +109,9 @@ def _to_record(i: int, row: dict[str, Any], settings: RunSettings) -> InputRecor
         return InputRecord(i, None, f"{settings.text_field}_not_a_string", sid)
     if not (text or "").strip() and not (str(prompt).strip() and str(response).strip()):
         return InputRecord(i, None, f"no_{settings.text_field}", sid)
+    embedding = row.get("embedding")
+    if embedding is not None and not _is_vector(embedding):
+        return InputRecord(i, None, "embedding_not_a_list_of_numbers", sid)
     meta = row.get("metadata") or {}
     sample = Sample(
         id=sid,
@@ -90,8 +120,15 @@ def _to_record(i: int, row: dict[str, Any], settings: RunSettings) -> InputRecor
         response=str(response),
         source=str(row.get("source") or ""),
         metadata={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
+        embedding=[float(v) for v in embedding] if embedding else None,
     )
     return InputRecord(i, sample, raw_id=sid)
+
+
+def _is_vector(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    )
 
 
 def count_lines(path: Path) -> int | None:
@@ -111,9 +148,17 @@ def run_local(
     core: ScoringCore | None = None,
 ) -> RunReport:
     settings = settings or RunSettings()
-    unknown = [s for s in settings.stages if s != "scoring"]
+    unknown = [s for s in settings.stages if s not in STAGES]
     if unknown:
-        raise InvalidArgument(f"unknown stages {unknown}; available: ['scoring']")
+        raise InvalidArgument(f"unknown stages {unknown}; available: {list(STAGES)}")
+    if settings.stages != [s for s in STAGES if s in settings.stages]:
+        raise InvalidArgument(f"stages run in the order {list(STAGES)}; got {settings.stages}")
+    density = DensityCore(settings.density) if "density" in settings.stages else None
+    chain = [
+        _ChainStage(name, _generation_core(name, settings))
+        for name in settings.stages
+        if name in GENERATION_STAGES
+    ]
     if not input_path.is_file():
         raise InvalidArgument(f"input not found: {input_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,28 +180,54 @@ def run_local(
         tqdm(total=total, unit="doc", desc="scoring", disable=not progress) as bar,
     ):
         batch: list[Sample] = []
+        waiting: list[Sample] = []  # kept by scoring, for the density stage
+
+        def forward(outcomes: list[Outcome]) -> None:
+            """Outcomes of the selection stages on to the generation stages, then written."""
+            kept = [o.sample for o in outcomes if o.kept]
+            for o in outcomes:
+                if not o.kept or not chain:
+                    emit(o)
+            for stage in chain:
+                if not kept:
+                    return
+                results = stage.run(kept)
+                for o in results:
+                    if not o.kept:
+                        emit(o)
+                kept = [o.sample for o in results if o.kept]
+            if chain:
+                for sample in kept:
+                    emit(Outcome(sample, True))
+
+        def emit(o: Outcome) -> None:
+            """Write a sample's final decision."""
+            nonlocal n_kept
+            s = o.sample
+            kind = s.metadata.get("kind")
+            if kind:
+                labels_in[kind] += 1
+                labels_kept[kind] += int(o.kept)
+            if o.kept:
+                n_kept += 1
+                _write(kept_f, _kept_row(s))
+            _write(
+                scores_f,
+                {"id": s.id, "kept": o.kept, "scores": _finite(s.scores), "reason": o.reason},
+            )
 
         def flush() -> None:
-            nonlocal n_kept
             if not batch:
                 return
             outcomes = core.process(batch)
-            for o in outcomes:
-                s = o.sample
-                kind = s.metadata.get("kind")
-                if kind:
-                    labels_in[kind] += 1
-                    labels_kept[kind] += int(o.kept)
-                if o.kept:
-                    n_kept += 1
-                    _write(kept_f, _kept_row(s))
-                _write(
-                    scores_f,
-                    {"id": s.id, "kept": o.kept, "scores": _finite(s.scores), "reason": o.reason},
-                )
+            if density is not None:
+                waiting.extend(o.sample for o in outcomes if o.kept)
+                forward([o for o in outcomes if not o.kept])
+            else:
+                forward(outcomes)
             all_outcomes.extend(outcomes)
             bar.update(len(batch))
-            bar.set_postfix(kept=n_kept)
+            bar.set_postfix(kept=n_kept + len(waiting))
             batch.clear()
 
         for rec in read_records(input_path, settings):
@@ -184,8 +255,19 @@ def run_local(
             if len(batch) >= settings.batch_size:
                 flush()
         flush()
+        density_outcomes: list[Outcome] = []
+        density_seconds = 0.0
+        if density is not None:
+            t_density = time.perf_counter()
+            density_outcomes = run_density(density, waiting, settings.batch_size, progress)
+            density_seconds = time.perf_counter() - t_density
+            for i in range(0, len(density_outcomes), settings.batch_size):
+                forward(density_outcomes[i : i + settings.batch_size])
 
     steps = _step_reports(core, all_outcomes, n_in, input_errors)
+    if density is not None:
+        steps.append(_outcome_report("density", density_outcomes, density_seconds))
+    steps.extend(_outcome_report(st.name, st.outcomes, st.seconds, st.samples_in) for st in chain)
     signals = sorted({k for o in all_outcomes for k in o.sample.scores})
     report = RunReport(
         input=str(input_path),
@@ -232,6 +314,80 @@ def _step_reports(
         )
         alive = kept_here
     return steps
+
+
+def run_density(
+    core: DensityCore, samples: list[Sample], batch_size: int, progress: bool = False
+) -> list[Outcome]:
+    """The density stage over a finished input: one online pass when so configured, else
+    both passes (sketch everything, then subsample), embedding each sample once."""
+    chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    outcomes: list[Outcome] = []
+    with tqdm(total=2 * len(samples), unit="doc", desc="density", disable=not progress) as bar:
+        if core.settings.mode == "online":
+            for chunk in chunks:
+                outcomes.extend(core.online_batch(chunk, core.vectors(chunk)))
+                bar.update(2 * len(chunk))
+            return outcomes
+        vectors = []
+        for chunk in chunks:  # pass 1
+            vectors.append(core.vectors(chunk))
+            core.build_batch(chunk, vectors[-1])
+            bar.update(len(chunk))
+        for chunk, vecs in zip(chunks, vectors, strict=True):  # pass 2
+            outcomes.extend(core.sample_batch(chunk, vecs))
+            bar.update(len(chunk))
+    return outcomes
+
+
+def _generation_core(name: str, settings: RunSettings) -> BatchProcessor:
+    if name == "rewrite":
+        from services.rewrite.core import RewriteCore
+
+        return RewriteCore(settings.rewrite)
+    if name == "synth":
+        from services.synth.core import SynthCore
+
+        return SynthCore(settings.synth)
+    from services.distill.__main__ import build_core
+
+    return build_core(settings.distill)
+
+
+@dataclass
+class _ChainStage:
+    """A generation stage in the local chain, with what it did (for the report)."""
+
+    name: str
+    core: BatchProcessor
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+    samples_in: int = 0
+
+    def run(self, samples: list[Sample]) -> list[Outcome]:
+        self.samples_in += len(samples)
+        t0 = time.perf_counter()
+        results = self.core.process(samples)
+        self.seconds += time.perf_counter() - t0
+        self.outcomes.extend(results)
+        return results
+
+
+def _outcome_report(
+    name: str, outcomes: list[Outcome], seconds: float, samples_in: int | None = None
+) -> StepReport:
+    """A stage's line in the report; ``samples_in`` where the stage also creates samples
+    (synthesis: its outcomes are the seeds and what it generated)."""
+    kept = [o for o in outcomes if o.kept]
+    return StepReport(
+        name=name,
+        samples_in=len(outcomes) if samples_in is None else samples_in,
+        samples_kept=len(kept),
+        tokens_in=sum(_words(o.sample) for o in outcomes),
+        tokens_kept=sum(_words(o.sample) for o in kept),
+        drop_reasons=dict(Counter(o.reason for o in outcomes if not o.kept)),
+        seconds=round(seconds, 3),
+    )
 
 
 def _words(s: Sample) -> int:
