@@ -68,13 +68,13 @@ def calibrate(scores: np.ndarray, target_rate: float) -> float:
 
 
 def keep_probabilities(scores: np.ndarray, c: float) -> np.ndarray:
-    """min(1, c / score) per point (1 where score <= 0)."""
+    """min(1, c / score) per point (1 where score <= 0 or score <= c)."""
     s = _scores(scores)
     if not c >= 0.0:
         raise InvalidArgument(f"sampling constant c must be >= 0, got {c}")
     out = np.ones_like(s)
-    pos = s > 0
-    out[pos] = np.minimum(1.0, c / s[pos])
+    below = s > c  # c >= 0, so never a score <= 0; c = inf keeps everything
+    out[below] = c / s[below]  # < 1; c / tiny s is never computed, so cannot overflow
     return out
 
 

@@ -13,9 +13,10 @@ counts[r, g_r(q)].
 **Why it estimates a kernel density.** count_r(q) = sum_y 1[g_r(y) = g_r(q)], and
 P(g_r(y) = g_r(q)) over the random hash is exactly the collision probability of the LSH
 family, k(q, y) = p(||q - y||)^K (``services.density.exact.collision_probability``). So
-E[count_r(q)] = sum_y k(q, y): every row is an unbiased estimate of the kernel density
-KDE(q) = sum_y k(q, y), and the mean of R independent rows has variance ~1/R. The kernel is
-fixed by the hash family, and positive-definite, so no kernel has to be evaluated.
+E[count_r(q)] = sum_y k(q, y): with no rehash collisions (B -> inf, see below) every row is
+an unbiased estimate of the kernel density KDE(q) = sum_y k(q, y), and the mean of R
+independent rows has variance ~1/R. The kernel is fixed by the hash family (and positive
+semi-definite, being a collision probability); it is never evaluated.
 
 **The B-bucket bias.** Two points in different LSH cells still share a bucket when the
 rehash collides, with probability 1/B under the universal rehash below. So
@@ -23,8 +24,8 @@ E[score(q)] = KDE(q) + (n - KDE(q)) / B: a bias of at most n/B that is nearly th
 every query (it does not change the ranking). ``estimate_kde`` removes it; B should exceed
 the number of occupied cells per row so the collision noise stays small.
 
-**Bandwidth.** width and K set the kernel's scale: p(c) decreases from 1 at c = 0, falls by
-half near c ~ width, and a larger K raises it to a higher power (a sharper kernel, fewer
+**Bandwidth.** width and K set the kernel's scale: p(c) decreases from 1 at c = 0 to 0.5
+at c ~ 0.68 width, and a larger K raises it to a higher power (a sharper kernel, fewer
 far-away collisions). See ``services.density.exact`` for how to choose them.
 
 **Geometry.** Embeddings are L2-normalised before hashing, so distances are those of cosine
@@ -37,8 +38,8 @@ sketch's identity; merging different ones is refused.
 **Determinism.** The projection w . x is computed in float32 (one matmul per chunk, the
 cost that matters), whose last bits depend on the BLAS kernel (batch size, CPU). Every
 projection within a rounding margin of a cell boundary is recomputed in float64, so a point
-lands in the same buckets whichever batch it arrives in and on whichever machine; the
-rest of the pipeline is exact integer arithmetic.
+lands in the same buckets whichever batch it arrives in and on whichever machine (barring
+a projection within ~1e-15 of a boundary); the rest is exact integer arithmetic.
 """
 
 from __future__ import annotations
