@@ -92,6 +92,8 @@ COPY --from=builder --chown=10001:10001 /app /app
 # a mounted cache; set them to 0 (chart `env`) to let a pod download hub models.
 # XDG_CACHE_HOME: converted packaged models, HF and torch caches (the chart mounts a
 # writable volume there, the root filesystem being read-only).
+# GOMP_SPINCOUNT: torch's OpenMP threads spin far shorter while waiting; under a CPU limit
+# or a busy node the default spin made sketch hashing 5-12x slower (bench.density).
 # (DL3064 flags "TOKEN" in TOKENIZERS_PARALLELISM: not a secret.)
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \
@@ -102,6 +104,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
+    GOMP_SPINCOUNT=10000 \
     SLUICE_SERVICE=${SERVICE} \
     SLUICE_IMAGE_VARIANT=${VARIANT}
 WORKDIR /app
