@@ -38,9 +38,7 @@ class SketchSettings(StrictModel):
     dim: int = Field(
         0, ge=0, description="Embedding dimension; 0 = the embedding model's (384 for MiniLM)."
     )
-    rows: int = Field(
-        100, ge=1, description="R: independent hash rows; variance ~ 1/R, cost ~ R."
-    )
+    rows: int = Field(100, ge=1, description="R: independent hash rows; variance ~ 1/R, cost ~ R.")
     hashes_per_row: int = Field(
         8,
         ge=1,

@@ -22,8 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pydantic import ValidationError
-
 from services.rewrite.drift import DriftCheck, DriftGuard
 from services.rewrite.prompts import (
     DETOXIFY,
@@ -34,7 +32,12 @@ from services.rewrite.prompts import (
 )
 from services.rewrite.settings import TOXICITY_POLICIES, RewriteSettings, ToxicityPolicy
 from services.rewrite.toxicity import Lexicon, Source, ToxicityChecker, ToxicityJudge, Verdict
-from services.runtime.backends.base import GenerationParams, LMBackend
+from services.runtime.backends.base import (
+    GenerationParams,
+    LMBackend,
+    build_lazily,
+    merge_generation,
+)
 from services.runtime.backends.embeddings import Embedder
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import InvalidArgument
@@ -133,7 +136,7 @@ class RewriteCore:
     def backend(self) -> LMBackend:
         with self._lock:
             if self._backend is None:
-                self._backend = _build(self._backend_src, "generate", self._default_backend)
+                self._backend = build_lazily(self._backend_src, "generate", self._default_backend)
             return self._backend
 
     @property
@@ -151,7 +154,7 @@ class RewriteCore:
     def _get_embedder(self) -> Embedder:
         with self._lock:
             if self._embedder is None:
-                self._embedder = _build(self._embedder_src, "embed", self._default_embedder)
+                self._embedder = build_lazily(self._embedder_src, "embed", self._default_embedder)
             return self._embedder
 
     def _default_embedder(self) -> Embedder:
@@ -359,30 +362,3 @@ def _record(sample: Sample, check: DriftCheck) -> None:
     sample.scores["rewrite_copy_ratio"] = check.copy_ratio
     if check.similarity is not None:
         sample.scores["rewrite_similarity"] = check.similarity
-
-
-def merge_generation(
-    base: GenerationParams, overrides: Mapping[str, Any] | None
-) -> GenerationParams:
-    """``base`` with a request's fields replaced, validated again; ``base.max_new_tokens``
-    is the cap (a vLLM engine reserved that much per sequence)."""
-    if not overrides:
-        return base
-    try:
-        merged = GenerationParams.model_validate({**base.model_dump(), **overrides})
-    except ValidationError as exc:
-        raise InvalidArgument(f"invalid generation limits: {exc}") from exc
-    if merged.max_new_tokens > base.max_new_tokens:
-        raise InvalidArgument(
-            f"max_new_tokens {merged.max_new_tokens} exceeds the server's cap {base.max_new_tokens}"
-        )
-    return merged
-
-
-def _build(src: Any, method: str, default: Callable[[], Any]) -> Any:
-    """An instance as given, an instance from a factory, or the settings' default."""
-    if src is None:
-        return default()
-    if callable(src) and not hasattr(src, method):
-        return src()
-    return src

@@ -26,9 +26,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from pydantic import ValidationError
-
-from services.runtime.backends.base import Generation, GenerationParams, LMBackend
+from services.runtime.backends.base import (
+    Generation,
+    GenerationParams,
+    LMBackend,
+    build_lazily,
+    merge_generation,
+)
 from services.runtime.backends.embeddings import Embedder
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import InvalidArgument
@@ -166,7 +170,7 @@ class SynthCore:
     def backend(self) -> LMBackend:
         with self._lock:
             if self._backend is None:
-                self._backend = _build(self._backend_src, "generate", self._default_backend)
+                self._backend = build_lazily(self._backend_src, "generate", self._default_backend)
             return self._backend
 
     @property
@@ -184,7 +188,7 @@ class SynthCore:
     def embedder(self) -> Embedder:
         with self._lock:
             if self._embedder is None:
-                self._embedder = _build(self._embedder_src, "embed", self._default_embedder)
+                self._embedder = build_lazily(self._embedder_src, "embed", self._default_embedder)
             return self._embedder
 
     def _default_embedder(self) -> Embedder:
@@ -457,29 +461,3 @@ def _variant(
     stop = list(dict.fromkeys([*params.stop, *stops]))
     seed = None if params.seed is None else params.seed + index
     return params.model_copy(update={"max_new_tokens": max_new_tokens, "stop": stop, "seed": seed})
-
-
-def merge_generation(
-    base: GenerationParams, overrides: Mapping[str, Any] | None
-) -> GenerationParams:
-    """``base`` with a request's fields replaced, validated again; ``base.max_new_tokens``
-    is the cap (a vLLM engine reserved that much per sequence)."""
-    if not overrides:
-        return base
-    try:
-        merged = GenerationParams.model_validate({**base.model_dump(), **overrides})
-    except ValidationError as exc:
-        raise InvalidArgument(f"invalid generation limits: {exc}") from exc
-    if merged.max_new_tokens > base.max_new_tokens:
-        raise InvalidArgument(
-            f"max_new_tokens {merged.max_new_tokens} exceeds the server's cap {base.max_new_tokens}"
-        )
-    return merged
-
-
-def _build(src: Any, method: str, default: Callable[[], Any]) -> Any:
-    if src is None:
-        return default()
-    if callable(src) and not hasattr(src, method):
-        return src()
-    return src

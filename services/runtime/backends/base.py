@@ -12,12 +12,14 @@ internally (length bucketing, token budget; continuous batching on vLLM).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from services.runtime.errors import InvalidArgument
 from services.runtime.settings import StrictModel
 
 BackendName = Literal["torch", "vllm"]
@@ -178,3 +180,31 @@ class LMBackend(Protocol):
         ``render_chat`` for chat models) and encoded like ``encode_prompt``; a prompt
         over the backend's prompt budget is refused (InvalidArgument), never cut."""
         ...
+
+
+def merge_generation(
+    base: GenerationParams, overrides: Mapping[str, Any] | None
+) -> GenerationParams:
+    """``base`` with a request's fields replaced, validated again; ``base.max_new_tokens``
+    is the cap (a vLLM engine reserved that much per sequence)."""
+    if not overrides:
+        return base
+    try:
+        merged = GenerationParams.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise InvalidArgument(f"invalid generation limits: {exc}") from exc
+    if merged.max_new_tokens > base.max_new_tokens:
+        raise InvalidArgument(
+            f"max_new_tokens {merged.max_new_tokens} exceeds the server's cap {base.max_new_tokens}"
+        )
+    return merged
+
+
+def build_lazily(src: Any, method: str, default: Callable[[], Any]) -> Any:
+    """A model/embedder as given: an instance (it has ``method``), an instance from a
+    factory, or the settings' default when nothing was given."""
+    if src is None:
+        return default()
+    if callable(src) and not hasattr(src, method):
+        return src()
+    return src

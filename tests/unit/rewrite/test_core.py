@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.rewrite.core import RewriteCore, merge_generation, target
+from services.rewrite.core import RewriteCore, target
 from services.rewrite.settings import RewriteSettings
-from services.runtime.backends.base import GenerationParams
+from services.runtime.backends.base import GenerationParams, merge_generation
 from services.runtime.domain import Action, Sample
 from services.runtime.errors import InvalidArgument
 
