@@ -144,12 +144,11 @@ class RewriteCore:
         return self.backend.model_version
 
     def _default_backend(self) -> LMBackend:
-        from services.runtime.backends.factory import create_backend
+        from services.runtime.backends.factory import create_generation_backend
 
-        model = self.settings.model
-        # vLLM reserves room for generated tokens per sequence; the cap is ours.
-        reserve = max(model.generation_tokens, self.settings.generation.max_new_tokens)
-        return create_backend(model.model_copy(update={"generation_tokens": reserve}))
+        return create_generation_backend(
+            self.settings.model, self.settings.generation.max_new_tokens
+        )
 
     def _get_embedder(self) -> Embedder:
         with self._lock:

@@ -22,3 +22,10 @@ def create_backend(settings: ModelSettings) -> LMBackend:
 
         return VLLMBackend(settings)
     raise ConfigError(f"unknown model backend {settings.backend!r}; known: 'torch', 'vllm'")
+
+
+def create_generation_backend(settings: ModelSettings, max_new_tokens: int) -> LMBackend:
+    """A backend that will generate up to ``max_new_tokens`` per sequence: vLLM reserves
+    that much room per sequence, so ``generation_tokens`` is raised to it where lower."""
+    reserve = max(settings.generation_tokens, max_new_tokens)
+    return create_backend(settings.model_copy(update={"generation_tokens": reserve}))

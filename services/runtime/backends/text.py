@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.runtime.errors import InvalidArgument
+
 
 class TokenizerText:
     """Chat rendering, token counting, truncation and prompt encoding over ``_tokenizer``.
@@ -72,6 +74,22 @@ class TokenizerText:
     def encode_prompt(self, prompt: str) -> list[int]:
         """The ids a prompt is scored with: its tokens, after BOS when the model has one."""
         return self.with_bos(self.token_ids(prompt))
+
+    def encode_prompts_within(self, prompts: list[str], limit: int) -> list[list[int]]:
+        """``encode_prompt`` of each prompt, refusing (InvalidArgument) an empty one or one
+        longer than ``limit`` tokens: cutting a prompt's end would drop the question."""
+        encoded = [self.encode_prompt(p) for p in prompts]
+        if any(not ids for ids in encoded):
+            raise InvalidArgument("empty prompt: there is no position to read the answer at")
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+        if too_long:
+            worst = max(len(encoded[i]) for i in too_long)
+            raise InvalidArgument(
+                f"{len(too_long)} prompt(s) exceed {limit} tokens (longest {worst}); truncate "
+                "the sample text (backend.truncate) before building the prompt: cutting the "
+                "prompt's end would drop the question"
+            )
+        return encoded
 
     def encode_for_nll(self, texts: list[str], budget: int) -> list[list[int]]:
         """Each text's first ``budget`` tokens (head kept), after BOS when there is one."""

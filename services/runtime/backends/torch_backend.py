@@ -209,18 +209,7 @@ class TorchBackend(TokenizerText):
         bad = [c for c in candidates if not 0 <= c < self._vocab]
         if bad:
             raise InvalidArgument(f"candidate token ids {bad} outside vocabulary {self._vocab}")
-        encoded = [self.encode_prompt(p) for p in prompts]
-        if any(not ids for ids in encoded):
-            raise InvalidArgument("empty prompt: there is no position to read the answer at")
-        limit = self.max_prompt_tokens
-        too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
-        if too_long:
-            worst = max(len(encoded[i]) for i in too_long)
-            raise InvalidArgument(
-                f"{len(too_long)} prompt(s) exceed {limit} tokens (longest {worst}); truncate "
-                "the sample text (backend.truncate) before building the prompt: cutting the "
-                "prompt's end would drop the question"
-            )
+        encoded = self.encode_prompts_within(prompts, self.max_prompt_tokens)
         cand = torch.tensor(candidates, dtype=torch.long, device=self._device)
         with torch.inference_mode():
             for batch in length_buckets([len(ids) for ids in encoded], self._settings.batch_tokens):

@@ -168,18 +168,7 @@ class VLLMBackend(TokenizerText):
             raise InvalidArgument(
                 f"{len(unique)} distinct candidate tokens; vLLM returns at most {MAX_CANDIDATES}"
             )
-        encoded = [self.encode_prompt(p) for p in prompts]
-        if any(not ids for ids in encoded):
-            raise InvalidArgument("empty prompt: the model has no BOS to condition on")
-        limit = self._max_prompt_tokens
-        too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
-        if too_long:
-            worst = max(len(encoded[i]) for i in too_long)
-            raise InvalidArgument(
-                f"{len(too_long)} prompt(s) exceed {limit} tokens (longest {worst}); truncate "
-                "the sample text (backend.truncate) before building the prompt: cutting the "
-                "prompt's end would drop the question"
-            )
+        encoded = self.encode_prompts_within(prompts, self._max_prompt_tokens)
         params = self._sampling_params(
             max_tokens=1,
             temperature=0.0,
