@@ -60,10 +60,11 @@ def test_every_dashboard_query_returns_data(kafka_bootstrap: str, tmp_path: Path
     docs = [ln for ln in Path(datapath("lee_background.cor")).read_text().splitlines() if ln]
     samples = [Sample(id=f"d{i}", text=" ".join(docs[i].split()[:80])) for i in range(N - 8)]
     samples += [Sample(id=f"j{i}", text="click here buy now " * 20) for i in range(8)]
+    # Two waves: Prometheus must scrape between them, or a fast worker could finish before
+    # the first scrape and every rate (and so every histogram quantile) would be empty.
+    first, second = samples[: N // 2], samples[N // 2 :]
     producer = KafkaProducer(bootstrap_servers=[kafka_bootstrap], acks="all")
-    publish(producer, ingest, samples, batch_size=8)
-    producer.send(ingest, value=b"\x00not a batch").get(timeout=30)
-    producer.close()
+    publish(producer, ingest, first, batch_size=8)
 
     grpc_port, metrics_port = free_port(), free_port()
     env = {
@@ -96,6 +97,12 @@ def test_every_dashboard_query_returns_data(kafka_bootstrap: str, tmp_path: Path
             stub.Score(request, timeout=60)
         kept = read_topic(kafka_bootstrap, out, expect=1, timeout_s=180)
         assert kept, log.read_text()[-3000:]
+        time.sleep(3)  # > 2 scrape intervals: the first wave's series are in Prometheus
+        publish(producer, ingest, second, batch_size=8)
+        producer.send(ingest, value=b"\x00not a batch").get(timeout=30)
+        producer.close()
+        more = read_topic(kafka_bootstrap, out, expect=len(kept) + 1, timeout_s=180)
+        assert len(more) > len(kept), log.read_text()[-3000:]
 
         # Rates need two scrapes after the work: poll until every query has data.
         missing: list[str] = []
