@@ -3,7 +3,7 @@
 sluice demo [--out DIR]                 build the demo corpus and curate it
 sluice run INPUT --out DIR [--config]   curate a JSONL/Parquet file in process
 sluice serve SERVICE [serve|worker|all] run a service (gRPC and/or Kafka worker);
-                                        SERVICE: scoring, density, rewrite, synth, distill
+                                        SERVICE: a registered stage kind
 sluice density merge --name N --version V   merge pass-1 sketch parts in the store
 sluice publish INPUT --topic T          publish a corpus to a Kafka ingest topic
 sluice topics T [T ...]                 create Kafka topics (idempotent)
@@ -22,9 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from services.runtime.errors import SluiceError
-
-# Services with a process entry point (python -m services.<name>).
-SERVICES = ["scoring", "density", "rewrite", "synth", "distill"]
+from services.runtime.registry import KINDS
 
 
 def _load_run_settings(  # type: ignore[no-untyped-def]
@@ -110,9 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_density_merge(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from services.density.__main__ import build
     from services.density.settings import DensitySettings, SketchSettings
-    from services.density.worker import merge_version, require_store
+    from services.density.worker import build_core, merge_version, require_store, store_of
     from services.runtime.settings import load_settings
 
     base = load_settings(DensitySettings, args.config)
@@ -122,8 +119,8 @@ def cmd_density_merge(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise SluiceError(f"invalid sketch name/version: {exc}") from exc
     settings = base.model_copy(update={"sketch": sketch})
-    core, store = build(settings)
-    merged = merge_version(core, require_store(settings, store), overwrite=args.force)
+    core = build_core(settings)
+    merged = merge_version(core, require_store(settings, store_of(core)), overwrite=args.force)
     print(
         f"merged {len(merged.parts)} part(s) of sketch {merged.name} v{merged.version}: "
         f"n={merged.n}, calibration points={len(merged.calibration)}, "
@@ -215,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("serve", help="run a service process")
-    p.add_argument("service", choices=SERVICES)
+    p.add_argument("service", choices=KINDS)
     p.add_argument("mode", nargs="?", default="all", choices=["serve", "worker", "all"])
     p.add_argument("--config")
     p.set_defaults(fn=cmd_serve)

@@ -13,13 +13,10 @@ import signal
 import sys
 import threading
 
-from services.density.core import STAGE, DensityCore
+from services.density.core import STAGE
 from services.density.grpc_service import register
 from services.density.settings import DensitySettings
-from services.density.sketch import SketchParams
-from services.density.state import SketchState
-from services.density.store import SketchStore
-from services.density.worker import DensityWorker, merge_version, require_store
+from services.density.worker import DensityWorker, build_core, merge_command, store_of
 from services.runtime.app import configure_logging
 from services.runtime.errors import SluiceError
 from services.runtime.grpc_server import RunningServer, serve
@@ -31,27 +28,12 @@ log = logging.getLogger(__name__)
 MODES = ("serve", "worker", "all", "merge")
 
 
-def build(settings: DensitySettings) -> tuple[DensityCore, SketchStore | None]:
-    """The core, wired to the object store when one is configured: names the API does not
-    hold are then looked up there (latest merged version)."""
-    store = SketchStore(settings.store) if settings.store.enabled else None
-    loader = None
-    if store is not None:
-        s = store
-
-        def loader(name: str, params: SketchParams) -> SketchState:
-            return s.load_merged(name, params.fingerprint())
-
-    return DensityCore(settings, loader=loader), store
-
-
 def run(settings: DensitySettings, mode: str) -> int:
     configure_logging(settings.log_level)
-    core, store = build(settings)
+    core = build_core(settings)
+    store = store_of(core)
     if mode == "merge":
-        merged = merge_version(core, require_store(settings, store))
-        print(f"merged {len(merged.parts)} parts of {merged.name} v{merged.version}: n={merged.n}")
-        return 0
+        return merge_command(core, settings)
     metrics = StageMetrics(STAGE)
     # The worker first: a missing store is a configuration error, found before serving.
     worker = DensityWorker(core, metrics, store) if mode in ("worker", "all") else None

@@ -141,7 +141,7 @@ class DensityCore:
         self.settings = settings
         self._embedder_src = embedder
         self._embedder: Embedder | None = None
-        self._loader = loader
+        self.loader = loader
         self._lock = threading.RLock()
         self._sketches: dict[str, SketchState] = {}
         self._calibration_cache: dict[str, tuple[int, np.ndarray]] = {}
@@ -275,9 +275,9 @@ class DensityCore:
             found = self._sketches.get(name)
         if found is not None:
             return found
-        if self._loader is None:
+        if self.loader is None:
             raise NotFound(f"no sketch named {name!r}")
-        loaded = self._loader(name, self.params())
+        loaded = self.loader(name, self.params())
         return self.install(loaded)
 
     def ensure_state(self, name: str = "", version: int | None = None) -> SketchState:

@@ -9,14 +9,17 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.density.sketch import SketchParams
 from services.runtime.backends.embeddings import EmbeddingSettings
+from services.runtime.errors import ConfigError
 from services.runtime.settings import KafkaSettings, ServiceSettings, StrictModel
+
+if TYPE_CHECKING:  # the sketch imports torch; settings stay light (the operator reads them)
+    from services.density.sketch import SketchParams
 
 Mode = Literal["two_pass_build", "two_pass_sample", "online"]
 
@@ -59,6 +62,8 @@ class SketchSettings(StrictModel):
 
     def params(self, dim: int) -> SketchParams:
         """The sketch parameters for embeddings of ``dim`` dimensions."""
+        from services.density.sketch import SketchParams
+
         return SketchParams(
             dim=dim,
             rows=self.rows,
@@ -182,3 +187,24 @@ class DensitySettings(ServiceSettings):
         if self.mode == "two_pass_build" and self.sketch.version is None:
             raise ValueError("mode 'two_pass_build' needs sketch.version (the version to build)")
         return self
+
+
+def consumer_group(settings: DensitySettings) -> str:
+    """The group a density worker commits (registered as the stage's ``group`` rule, so the
+    worker and the operator name it alike): ``kafka.group_id`` online; per pass and sketch
+    version otherwise (``<group>.build.<name>.v<N>``, ``<group>.sample.<name>.v<N>``), so a
+    new version starts from the beginning of the topic and pass 2 never starts where pass 1
+    committed. Pass 2 with ``sketch.version`` unset samples against the latest merged
+    version, which only the store knows: the worker resolves it into the settings first;
+    anyone else (the operator) needs the version pinned."""
+    kafka = settings.kafka
+    if settings.mode == "online":
+        return kafka.group_id
+    version = settings.sketch.version
+    if version is None:
+        raise ConfigError(
+            f"density mode {settings.mode!r} commits a group per sketch version: set "
+            "sketch.version (pass 2 resolves 'latest' from the store only when it starts)"
+        )
+    passname = settings.mode.removeprefix("two_pass_")
+    return f"{kafka.group_id}.{passname}.{settings.sketch.name}.v{version}"

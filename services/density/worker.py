@@ -10,7 +10,8 @@ what the two passes need before and after the loop.
   fails before anything is consumed), then consume and sample forever.
 - ``online``: consume and sample forever; no store needed.
 
-Each pass has its own consumer group (``<group>.<pass>.<name>.v<version>``): sharing one
+Each pass has its own consumer group (``<group>.<pass>.<name>.v<version>``, named by
+``services.runtime.registry.consumer_group``, which the operator calls too): sharing one
 would make pass 2 start where pass 1 committed, at the end of the topic.
 
 Delivery: a pass-1 worker publishes its part only after a clean stop, when everything it
@@ -23,32 +24,74 @@ version, or compare the merged ``n`` with the number of samples published.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from services.density.core import STAGE, DensityCore
 from services.density.settings import DensitySettings
+from services.density.sketch import SketchParams
 from services.density.state import SketchState
 from services.density.store import SketchStore
 from services.runtime.errors import ConfigError
 from services.runtime.kafka_stage import StageWorker, WorkerStats
 from services.runtime.metrics import StageMetrics
+from services.runtime.registry import consumer_group
 from services.runtime.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 
 def pass_kafka_settings(settings: DensitySettings, version: int | None) -> KafkaSettings:
-    """The worker's Kafka settings for its mode: a group per pass and sketch version (a
-    new version starts from the beginning of the topic), no output in pass 1."""
+    """The worker's Kafka settings for its mode: the group the registry names for the
+    resolved sketch version (``consumer_group``), no output in pass 1."""
     kafka = settings.kafka
     if settings.mode == "online":
         return kafka
     if version is None:
         raise ConfigError(f"mode {settings.mode!r} needs a resolved sketch version")
-    group = f"{kafka.group_id}.{settings.mode.removeprefix('two_pass_')}"
-    update: dict[str, str] = {"group_id": f"{group}.{settings.sketch.name}.v{version}"}
+    sketch = settings.sketch.model_copy(update={"version": version})
+    resolved = settings.model_copy(update={"sketch": sketch})
+    update: dict[str, str] = {"group_id": consumer_group(STAGE, resolved)}
     if settings.mode == "two_pass_build":
         update["output_topic"] = ""
     return kafka.model_copy(update=update)
+
+
+@dataclass(frozen=True)
+class StoreLoader:
+    """The core's loader when a store is configured: names the API does not hold are
+    looked up there (latest merged version). The worker reuses its store."""
+
+    store: SketchStore
+
+    def __call__(self, name: str, params: SketchParams) -> SketchState:
+        return self.store.load_merged(name, params.fingerprint())
+
+
+def build_core(settings: DensitySettings, metrics: StageMetrics | None = None) -> DensityCore:
+    """The registry's core factory: the core, wired to the object store when one is
+    configured. Metrics are recorded by the adapters (the core reports no generation)."""
+    store = SketchStore(settings.store) if settings.store.enabled else None
+    return DensityCore(settings, loader=StoreLoader(store) if store is not None else None)
+
+
+def store_of(core: DensityCore) -> SketchStore | None:
+    """The store ``build_core`` wired into ``core``, if any."""
+    loader = core.loader
+    return loader.store if isinstance(loader, StoreLoader) else None
+
+
+def make_worker(
+    core: DensityCore, settings: DensitySettings, metrics: StageMetrics
+) -> DensityWorker:
+    """The registry's worker factory: the configured pass over the core's store."""
+    return DensityWorker(core, metrics, store_of(core))
+
+
+def merge_command(core: DensityCore, settings: DensitySettings) -> int:
+    """``python -m services.density merge``: merge the parts of sketch.version, then exit."""
+    merged = merge_version(core, require_store(settings, store_of(core)))
+    print(f"merged {len(merged.parts)} parts of {merged.name} v{merged.version}: n={merged.n}")
+    return 0
 
 
 def require_store(settings: DensitySettings, store: SketchStore | None) -> SketchStore:

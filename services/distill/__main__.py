@@ -9,19 +9,13 @@ from collections.abc import Callable
 
 import grpc
 
-from services.distill.core import STAGE, DistillCore
+from services.distill.core import STAGE
 from services.distill.grpc_service import register
 from services.distill.settings import DistillSettings
-from services.distill.store import S3ObjectStore
+from services.distill.store import build_core
 from services.runtime.app import run_service
 from services.runtime.metrics import StageMetrics
 from services.runtime.settings import load_settings
-
-
-def build_core(settings: DistillSettings, metrics: StageMetrics | None = None) -> DistillCore:
-    """The core with its object store (when one is configured); the model loads lazily."""
-    s3 = settings.topk_store.s3
-    return DistillCore(settings, store=S3ObjectStore(s3) if s3.endpoint else None, metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

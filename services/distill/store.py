@@ -14,8 +14,10 @@ from minio import Minio
 from minio.error import MinioException
 from urllib3.exceptions import HTTPError
 
-from services.distill.settings import S3Settings
+from services.distill.core import DistillCore
+from services.distill.settings import DistillSettings, S3Settings
 from services.runtime.errors import InvalidArgument, NotFound, Unavailable
+from services.runtime.metrics import StageMetrics
 
 SCHEME = "s3://"
 
@@ -67,6 +69,13 @@ class S3ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+
+def build_core(settings: DistillSettings, metrics: StageMetrics | None = None) -> DistillCore:
+    """The registry's core factory: the core with its object store (when one is
+    configured); the model loads lazily."""
+    s3 = settings.topk_store.s3
+    return DistillCore(settings, store=S3ObjectStore(s3) if s3.endpoint else None, metrics=metrics)
 
 
 def parse_uri(uri: str) -> tuple[str, str]:

@@ -34,12 +34,13 @@ from services.rewrite.settings import RewriteSettings
 from services.runtime.domain import Outcome, Sample, step_counts
 from services.runtime.errors import InvalidArgument
 from services.runtime.kafka_stage import BatchProcessor
+from services.runtime.registry import KINDS
 from services.runtime.settings import StrictModel
 from services.scoring.core import ScoringCore
 from services.scoring.settings import ScoringSettings
 from services.synth.settings import SynthSettings
 
-STAGES = ("scoring", "density", "rewrite", "synth", "distill")
+STAGES = KINDS
 # Stages that change or create samples: each batch that survived the stages before goes
 # through them in order, as on the Kafka topic chain.
 GENERATION_STAGES = ("rewrite", "synth", "distill")
@@ -349,7 +350,7 @@ def _generation_core(name: str, settings: RunSettings) -> BatchProcessor:
         from services.synth.core import SynthCore
 
         return SynthCore(settings.synth)
-    from services.distill.__main__ import build_core
+    from services.distill.store import build_core
 
     return build_core(settings.distill)
 
