@@ -1,17 +1,19 @@
 """The Sluice operator: scales each curation stage's pods on Kafka consumer lag.
 
-A ``SluicePipeline`` custom resource lists the stages; for each the operator owns one
-Deployment and one Service, reads the stage's consumer lag from the broker, and sets the
-Deployment's replicas from a pure plan (``operators.planner``). See DESIGN.md.
+The chart renders every stage Deployment; for an autoscaled stage it also renders a
+``SluiceScaler`` pointing at it (``scaleTargetRef``, as a KEDA ScaledObject or an HPA does).
+The operator reads the lag of the consumer group the stage registry names for that stage,
+plans replicas with a pure policy (``operators.planner``) and sets them through the
+Deployment's scale subresource. It renders nothing. See DESIGN.md.
 
-Layout: ``crd`` (the resource's typed spec), ``planner`` (policy, pure), ``desired``
-(the objects a stage should have, pure), ``lag`` (Kafka offsets), ``actuator`` (Kubernetes
-API calls), ``reconcile`` (one pass over a pipeline), ``handlers`` (kopf wiring),
-``metrics``, ``settings``; ``python -m operators`` runs it.
+Layout: ``crd`` (the resource's typed spec and status), ``planner`` (policy, pure), ``lag``
+(which group, and its offsets), ``actuator`` (the two Kubernetes calls), ``reconcile`` (one
+pass over a scaler), ``handlers`` (kopf wiring), ``metrics``, ``settings``;
+``python -m operators`` runs it.
 """
 
 GROUP = "sluice.dev"
 VERSION = "v1alpha1"
-PLURAL = "sluicepipelines"
-KIND = "SluicePipeline"
+PLURAL = "sluicescalers"
+KIND = "SluiceScaler"
 API_VERSION = f"{GROUP}/{VERSION}"

@@ -1,29 +1,26 @@
-"""The SluicePipeline resource as typed objects: its spec (validated) and its status.
+"""The SluiceScaler resource as typed objects: its spec (validated) and its status.
 
-The CRD's openAPIV3Schema (charts/sluice/crds/sluicepipelines.sluice.dev.yaml) is what the API
+The CRD's openAPIV3Schema (charts/sluice/crds/sluicescalers.sluice.dev.yaml) is what the API
 server enforces; these models are what the operator reads. They carry the same fields and
-defaults (tests/operators/test_crd.py keeps the two in step) plus the checks a schema cannot
-express everywhere: ``minReplicas <= maxReplicas``, unique stage names and consumer groups,
-object names within 63 characters, no user env var overriding the ones the operator owns.
+defaults (tests/operators/test_crd.py keeps the two in step) plus the check the schema
+states as a CEL rule: ``minReplicas <= maxReplicas``.
 
-Why one resource with a list of stages (not one resource per stage): a pipeline is what a
-platform team deploys and reasons about; its stages share a broker and chain topics
-(output of one, input of the next), which one object can validate and one
-``kubectl get sluicepipelines`` can show; and scaling state per stage sits side by side in
-one status. Every stage is still planned on its own.
+A SluiceScaler is to a stage what a KEDA ScaledObject or an HPA is to a workload: it points
+at a Deployment someone else renders (``scaleTargetRef``; the chart, for Sluice stages) and
+carries only how to size it: the stage kind and the stage's own config (from which the
+registry names the consumer group and input topic whose lag drives it) and the policy.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     AliasGenerator,
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
     model_validator,
 )
@@ -31,28 +28,7 @@ from pydantic.alias_generators import to_camel
 
 from operators.planner import ScalingPolicy
 
-# Services that exist in the image (one package per stage under services/).
-StageKind = Literal["scoring", "density", "rewrite", "synth", "distill"]
-
-DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-TOPIC = r"^[a-zA-Z0-9._-]{1,249}$"
-QUANTITY = r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[munk]|e[0-9]+)?$"
-BOOTSTRAP = r"^[^,\s]+:[0-9]+(,[^,\s]+:[0-9]+)*$"
-
-
-# Env vars the operator owns on every stage container: fixed names, and the service's own
-# settings (prefixed SLUICE_<KIND>_) for the broker, topics, group and ports.
-FIXED_ENV = ("SLUICE_SERVICE", "HOME", "XDG_CACHE_HOME")
-SETTINGS_ENV = (
-    "KAFKA__BOOTSTRAP_SERVERS",
-    "KAFKA__INPUT_TOPIC",
-    "KAFKA__OUTPUT_TOPIC",
-    "KAFKA__DLQ_TOPIC",
-    "KAFKA__GROUP_ID",
-    "GRPC__PORT",
-    "METRICS__PORT",
-    "METRICS__ENABLED",
-)
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 
 class SpecError(ValueError):
@@ -70,34 +46,23 @@ class _Spec(BaseModel):
     )
 
 
-class KafkaSpec(_Spec):
-    bootstrap_servers: str = Field(pattern=BOOTSTRAP, description="host:port[,host:port...]")
+class TargetRef(_Spec):
+    """The workload to scale (the chart's stage Deployment): only Deployments for now."""
+
+    api_version: Literal["apps/v1"] = "apps/v1"
+    kind: Literal["Deployment"] = "Deployment"
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253)
 
 
-class TopicsSpec(_Spec):
-    input: str = Field(pattern=TOPIC, description="Topic consumed; its lag drives scaling.")
-    output: str = Field(pattern=TOPIC, description="Topic produced to.")
-    dlq: str = Field("", pattern=r"^$|" + TOPIC, description="'' = '<input>.dlq'.")
+class StageRef(_Spec):
+    """Which stage the target runs, and with what settings (the stage's config file)."""
 
-
-Quantity = Annotated[str, StringConstraints(pattern=QUANTITY)]
-
-
-class ResourcesSpec(_Spec):
-    requests: dict[str, Quantity] = Field(default_factory=dict)
-    limits: dict[str, Quantity] = Field(default_factory=dict)
-
-
-class EnvVarSpec(_Spec):
-    """A Kubernetes EnvVar: a literal value or a reference (valueFrom)."""
-
-    name: str = Field(min_length=1)
-    value: str | None = None
-    value_from: dict[str, Any] | None = None
-
-
-class ImagePullSecretSpec(_Spec):
-    name: str = Field(min_length=1)
+    kind: str = Field(min_length=1, description="A stage kind of the registry.")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The stage's settings, as in its --config file: broker, input topic, "
+        "group and whatever else decides which group it commits.",
+    )
 
 
 class ScalingSpec(_Spec):
@@ -135,70 +100,21 @@ class ScalingSpec(_Spec):
         )
 
 
-class StageSpec(_Spec):
-    name: str = Field(pattern=DNS_LABEL, max_length=30)
-    kind: StageKind
-    image: str = Field(min_length=1)
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    topics: TopicsSpec
-    group: str = Field(min_length=1, max_length=255)
-    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per pod.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    env: list[EnvVarSpec] = Field(default_factory=list)
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    model_cache_size_limit: str = Field("4Gi", pattern=QUANTITY)
-    termination_grace_period_seconds: int = Field(60, ge=0)
+class ScalerSpec(_Spec):
+    scale_target_ref: TargetRef
+    stage: StageRef
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)  # type: ignore[arg-type]
 
-    @property
-    def env_prefix(self) -> str:
-        """The service's settings prefix: SLUICE_SCORING_ for kind scoring."""
-        return f"SLUICE_{self.kind.upper()}_"
 
-    @property
-    def owned_env_names(self) -> set[str]:
-        """Env vars the operator sets on this stage's container (users may set any other)."""
-        return set(FIXED_ENV) | {self.env_prefix + s for s in SETTINGS_ENV}
-
-
-class PipelineSpec(_Spec):
-    kafka: KafkaSpec
-    image_pull_secrets: list[ImagePullSecretSpec] = Field(default_factory=list)
-    stages: list[StageSpec] = Field(min_length=1, max_length=16)
-
-    @model_validator(mode="after")
-    def _unique(self) -> PipelineSpec:
-        for attr in ("name", "group"):
-            values = [getattr(s, attr) for s in self.stages]
-            dupes = sorted({v for v in values if values.count(v) > 1})
-            if dupes:
-                raise ValueError(f"stage {attr}s must be unique, repeated: {dupes}")
-        return self
-
-
-def object_name(pipeline: str, stage: str) -> str:
-    """``<pipeline>-<stage>``: the name of a stage's Deployment and Service."""
-    return f"{pipeline}-{stage}"
-
-
-def parse_spec(pipeline: str, spec: dict[str, Any]) -> PipelineSpec:
-    """The validated spec of pipeline ``pipeline``, or SpecError saying what is wrong."""
+def parse_spec(spec: dict[str, Any]) -> ScalerSpec:
+    """The validated spec, or SpecError saying what is wrong."""
     try:
-        parsed = PipelineSpec.model_validate(spec)
+        return ScalerSpec.model_validate(spec)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
         )
         raise SpecError(problems) from None
-    for stage in parsed.stages:
-        name = object_name(pipeline, stage.name)
-        if len(name) > 63:
-            raise SpecError(f"stage {stage.name}: object name {name!r} is over 63 characters")
-        clash = sorted({e.name for e in stage.env} & stage.owned_env_names)
-        if clash:
-            raise SpecError(f"stage {stage.name}: env sets operator-owned variables {clash}")
-    return parsed
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -238,9 +154,10 @@ class SampleState(_Status):
     lag: int
 
 
-class StageStatus(_Status):
-    name: str
-    deployment: str = ""
+class ScalerStatus(_Status):
+    observed_generation: int | None = None
+    consumer_group: str = ""
+    topic: str = ""
     replicas: int = 0
     desired_replicas: int = 0
     ready_replicas: int = 0
@@ -259,21 +176,12 @@ class StageStatus(_Status):
         return next((c for c in self.conditions if c.type == type_), None)
 
 
-class PipelineStatus(_Status):
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    stages: list[StageStatus] = Field(default_factory=list)
-
-    def stage(self, name: str) -> StageStatus | None:
-        return next((s for s in self.stages if s.name == name), None)
-
-
-def parse_status(status: dict[str, Any] | None) -> PipelineStatus:
+def parse_status(status: dict[str, Any] | None) -> ScalerStatus:
     """The previous status; an unreadable one is forgotten, not fatal (it is only memory)."""
     try:
-        return PipelineStatus.model_validate(status or {})
+        return ScalerStatus.model_validate(status or {})
     except ValidationError:
-        return PipelineStatus()
+        return ScalerStatus()
 
 
 def set_condition(conditions: list[Condition], new: Condition, now: dt.datetime) -> list[Condition]:

@@ -6,7 +6,7 @@ own settings (kopf.testing.KopfRunner(..., registry=..., settings=...)).
 
 - login: in-cluster service account, else kubeconfig ($KUBECONFIG read at login time);
 - startup/cleanup: the /metrics endpoint and the Kafka and Kubernetes clients;
-- one timer per SluicePipeline, every ``reconcile_interval_seconds``: the level-based pass
+- one timer per SluiceScaler, every ``reconcile_interval_seconds``: the level-based pass
   (``operators.reconcile``). It is a sync handler (kopf runs it in a worker thread): the
   official Kubernetes client and kafka-python are blocking. Its status goes through kopf's
   ``patch`` (merge-patched into the status subresource), its events through kopf.event.
@@ -25,7 +25,7 @@ from operators import GROUP, PLURAL, VERSION
 from operators.actuator import KubeActuator, api_client
 from operators.lag import KafkaLagSource
 from operators.metrics import OperatorMetrics
-from operators.reconcile import PipelineRef, Reconciler
+from operators.reconcile import Reconciler, ScalerRef
 from operators.settings import OperatorSettings
 
 
@@ -100,11 +100,8 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
         memo: kopf.Memo,
         **_: Any,
     ) -> None:
-        ref = PipelineRef(
-            name=str(meta.name),
-            namespace=str(meta.namespace),
-            uid=str(meta.uid),
-            generation=meta.get("generation"),
+        ref = ScalerRef(
+            name=str(meta.name), namespace=str(meta.namespace), generation=meta.get("generation")
         )
         # The status kopf hands over can trail the last write by a watch event; the copy kept
         # in memory from the previous pass of this process is never older.
@@ -117,9 +114,9 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, optional=True)
-    def deleted(meta: kopf.Meta, status: kopf.Status, **_: Any) -> None:
-        stages = [s.get("name", "") for s in status.get("stages", [])]
-        app.metrics.forget(str(meta.namespace), str(meta.name), stages)
+    def deleted(meta: kopf.Meta, **_: Any) -> None:
+        # The target keeps its replicas (as when an HPA is deleted); only the series go.
+        app.metrics.forget(str(meta.namespace), str(meta.name))
 
     return registry
 
@@ -129,7 +126,6 @@ def _newest(status: dict[str, Any], remembered: dict[str, Any] | None) -> dict[s
         return status
 
     def stamp(s: dict[str, Any]) -> str:
-        times = [(st.get("sample") or {}).get("sampledAt") or "" for st in s.get("stages", [])]
-        return max(times, default="")
+        return str((s.get("sample") or {}).get("sampledAt") or "")
 
     return remembered if stamp(remembered) >= stamp(status) else status

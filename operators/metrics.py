@@ -1,7 +1,7 @@
 """The operator's Prometheus metrics, on a registry of its own (no process-global state).
 
-Labels are the namespace, pipeline and stage: bounded by what is deployed, never per message
-or per pod.
+Labels are the namespace and the SluiceScaler (named after the stage Deployment it scales):
+bounded by what is deployed, never per message or per pod.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-_STAGE = ("namespace", "pipeline", "stage")
+_STAGE = ("namespace", "scaler")
 
 
 class OperatorMetrics:
@@ -62,7 +62,7 @@ class OperatorMetrics:
         self.reconcile_errors = Counter(
             "sluice_operator_reconcile_errors",
             "Failed reconcile steps, by kind (spec|kubernetes|lag_source).",
-            ("namespace", "pipeline", "kind"),
+            ("namespace", "scaler", "kind"),
             registry=self.registry,
         )
         self._server: WSGIServer | None = None
@@ -79,20 +79,23 @@ class OperatorMetrics:
             self._server.server_close()
             self._server = None
 
-    def forget(self, namespace: str, pipeline: str, stages: list[str]) -> None:
-        """Drop the series of stages that no longer exist."""
-        for stage in stages:
-            labels = (namespace, pipeline, stage)
-            for gauge in (
-                self.desired_replicas,
-                self.replicas,
-                self.ready_replicas,
-                self.lag,
-                self.consumption_rate,
-                self.lag_source_up,
-            ):
+    def forget(self, namespace: str, scaler: str) -> None:
+        """Drop the series of a scaler that no longer exists."""
+        labels = (namespace, scaler)
+        for gauge in (
+            self.desired_replicas,
+            self.replicas,
+            self.ready_replicas,
+            self.lag,
+            self.consumption_rate,
+            self.lag_source_up,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        for counter, values in (
+            (self.scale_events, ("up", "down")),
+            (self.reconcile_errors, ("spec", "kubernetes", "lag_source")),
+        ):
+            for value in values:
                 with contextlib.suppress(KeyError):
-                    gauge.remove(*labels)
-            for direction in ("up", "down"):
-                with contextlib.suppress(KeyError):
-                    self.scale_events.remove(*labels, direction)
+                    counter.remove(*labels, value)

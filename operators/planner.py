@@ -41,7 +41,7 @@ _EPS = 1e-9
 
 @dataclass(frozen=True)
 class ScalingPolicy:
-    """One stage's scaling rules (the ``scaling`` block of a stage in the SluicePipeline)."""
+    """One stage's scaling rules (the ``scaling`` block of a SluiceScaler)."""
 
     min_replicas: int = 0
     max_replicas: int = 4
@@ -228,7 +228,7 @@ class OffsetSample:
 
 @dataclass(frozen=True)
 class Rates:
-    """Smoothed rates carried from tick to tick (in the pipeline's status)."""
+    """Smoothed rates carried from tick to tick (in the scaler's status)."""
 
     incoming_rate: float = 0.0
     rate_per_replica: float | None = None

@@ -1,6 +1,6 @@
 """Typed settings of the operator process (env prefix ``SLUICE_OPERATOR_``).
 
-Per-stage policy lives in the SluicePipeline resource; this is only what the process itself
+Per-stage policy lives in each SluiceScaler resource; this is only what the process itself
 needs: where to watch, how often to re-read the world, broker client timeouts and backoff.
 """
 
@@ -40,14 +40,14 @@ class OperatorSettings(BaseSettings):
 
     namespaces: list[str] = Field(
         default_factory=list,
-        description="Namespaces to watch for SluicePipelines; empty = all namespaces (needs "
+        description="Namespaces to watch for SluiceScalers; empty = all namespaces (needs "
         "cluster-wide RBAC).",
     )
     reconcile_interval_seconds: float = Field(
         10.0,
         gt=0,
-        description="How often each pipeline is reconciled: objects re-applied, lag re-read, "
-        "replicas re-planned (level-based: each pass reads the world afresh).",
+        description="How often each scaler is reconciled: target and lag re-read, replicas "
+        "re-planned (level-based: each pass reads the world afresh).",
     )
     rate_window_seconds: float = Field(
         60.0,

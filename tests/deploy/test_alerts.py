@@ -36,6 +36,7 @@ RULE_VALUES: dict[str, Any] = {
         "scoring": {"alerts": {"lagThreshold": 100, "retention": {"min": 0.1, "max": 0.9}}},
         "density": {
             "enabled": True,
+            "config": {"mode": "online"},
             "alerts": {"lagThreshold": 100, "retention": {"min": 0.2, "max": 0.8}},
         },
         "synth": {

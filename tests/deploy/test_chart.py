@@ -1,7 +1,8 @@
 """The chart as a platform team installs it, rendered by helm with the defaults and with the
-full GPU values file (charts/sluice/ci/gpu-values.yaml: every stage, GPUs, operator, topics
-Job, ServiceMonitor, PrometheusRule, PDBs, NetworkPolicies, dashboard): every object
-validates strictly against the Kubernetes schemas, every pod meets Restricted Pod Security,
+full GPU values file (charts/sluice/ci/gpu-values.yaml: every stage, GPUs, operator and
+SluiceScalers, density's sketch build Job, topics Job, ServiceMonitor, PrometheusRule, PDBs,
+NetworkPolicies, dashboard): every object validates strictly against the Kubernetes schemas
+(SluiceScalers against their CRD), every pod meets Restricted Pod Security,
 secrets travel by reference only, selectors are stable, and what each object points at (ports,
 pods, Services, topics, settings) exists."""
 
@@ -31,10 +32,11 @@ from tests.deploy.chart import (
 pytestmark = needs_helm
 
 # Custom resources have no upstream schema: the PrometheusRule is checked by promtool
-# (test_alerts.py), the ServiceMonitor's fields below.
+# (test_alerts.py), the ServiceMonitor's fields below, SluiceScalers against the chart's CRD.
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("sluice.dev/v1alpha1", "SluiceScaler"),
 }
 
 SETTINGS = {
@@ -80,14 +82,19 @@ def test_every_object_validates_strictly(
 ) -> None:
     import kubernetes_validate
 
+    from tests.operators import schema
+
     objs = default_objs if which == "default" else gpu_objs
     skipped = set()
     for obj in objs.values():
         if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
             skipped.add(obj["kind"])
+            if obj["kind"] == "SluiceScaler":
+                schema.validate(obj)
             continue
         kubernetes_validate.validate(obj, "1.33.0", strict=True)
-    assert skipped == (set() if which == "default" else {"ServiceMonitor", "PrometheusRule"})
+    custom = {"ServiceMonitor", "PrometheusRule", "SluiceScaler"}
+    assert skipped == (set() if which == "default" else custom)
 
 
 def test_gpu_values_render_every_component(gpu_objs: dict[Key, dict[str, Any]]) -> None:
@@ -104,11 +111,13 @@ def test_gpu_values_render_every_component(gpu_objs: dict[Key, dict[str, Any]]) 
         "ServiceAccount",
         "Role",
         "RoleBinding",
+        "SluiceScaler",
     }
     assert {_component(d) for d in _by_kind(gpu_objs, "Deployment").values()} == {
         *STAGES,
         "operator",
     }
+    assert set(_by_kind(gpu_objs, "Job")) == {"sluice-topics", "sluice-density-build-v1"}
     assert "Secret" not in kinds  # credentials are never rendered
 
 
@@ -165,9 +174,10 @@ def test_stage_pods_are_probed_and_resourced(gpu_objs: dict[Key, dict[str, Any]]
         res = c["resources"]
         assert {"cpu", "memory"} <= set(res["requests"]), name
         assert "memory" in res["limits"], name
-    (job,) = _by_kind(gpu_objs, "Job").values()
-    (c,) = job["spec"]["template"]["spec"]["containers"]
-    assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and c["resources"]["limits"]
+    for job in _by_kind(gpu_objs, "Job").values():
+        pod = job["spec"]["template"]["spec"]
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and c["resources"]["limits"]
 
 
 def test_gpu_resources_and_scheduling(
@@ -220,9 +230,10 @@ def test_credentials_come_only_from_secret_references(
                 if any(word in name for word in SECRETISH):
                     assert "value" not in e, (key, name)
                     assert set(e["valueFrom"]) == {"secretKeyRef"}, (key, name)
-            stage = key[1].removeprefix(f"{RELEASE}-")
+            # The density build Job runs the density service: it has density's store.
+            stage = key[1].removeprefix(f"{RELEASE}-").removesuffix("-build-v1")
             creds = {n: e for n, e in env.items() if n.startswith("AWS_") or n.endswith("_KEY")}
-            if key[0] != "Deployment" or stage not in S3_BLOCK:
+            if key[1] == f"{RELEASE}-topics" or stage not in S3_BLOCK:
                 assert not creds, key  # no object-store credentials where none is used
                 continue
             prefix = f"SLUICE_{stage.upper()}_{'__'.join(S3_BLOCK[stage]).upper()}__"
@@ -378,9 +389,16 @@ def test_pdbs_for_replicated_stages(
     assert not _by_kind(default_objs, "PodDisruptionBudget")  # one replica: no budget
     deploys = _by_kind(gpu_objs, "Deployment")
     pdbs = _by_kind(gpu_objs, "PodDisruptionBudget")
-    replicated = {
-        n for n, d in deploys.items() if d["spec"]["replicas"] >= 2 and _component(d) != "operator"
+    scalers = {
+        s["spec"]["scaleTargetRef"]["name"]: s for s in _by_kind(gpu_objs, "SluiceScaler").values()
     }
+    # Fixed stages by their replicas, autoscaled ones (no spec.replicas) by their maximum.
+    most = {
+        n: scalers[n]["spec"]["scaling"]["maxReplicas"] if n in scalers else d["spec"]["replicas"]
+        for n, d in deploys.items()
+        if _component(d) != "operator"
+    }
+    replicated = {n for n, m in most.items() if m >= 2}
     assert set(pdbs) == replicated == {"sluice-scoring", "sluice-rewrite", "sluice-density"}
     for name, pdb in pdbs.items():
         assert pdb["spec"]["selector"] == deploys[name]["spec"]["selector"]
@@ -402,9 +420,16 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 
 
 def test_network_policies(gpu_objs: dict[Key, dict[str, Any]], gpu_values: dict[str, Any]) -> None:
-    policies = _by_kind(gpu_objs, "NetworkPolicy")
+    # By component: one policy covers a component's pods, e.g. every density build Job's.
+    policies = {
+        f"{RELEASE}-{_component(p)}": p
+        for p in _by_kind(gpu_objs, "NetworkPolicy").values()
+    }
     workloads = {
-        n: (o["spec"]["template"]["metadata"]["labels"], o["spec"]["template"]["spec"])
+        f"{RELEASE}-{_component(o)}": (
+            o["spec"]["template"]["metadata"]["labels"],
+            o["spec"]["template"]["spec"],
+        )
         for (k, n), o in gpu_objs.items()
         if k in ("Deployment", "Job")
     }
@@ -433,15 +458,16 @@ def test_network_policies(gpu_objs: dict[Key, dict[str, Any]], gpu_values: dict[
         assert egress[(53, "UDP")] is None and egress[(53, "TCP")] is None  # DNS anywhere
         assert egress[(9092, "TCP")] == np["egress"]["kafka"]["to"]
         assert egress[(8080, "TCP")] == np["egress"]["extra"][0]["to"]
-        has_store = name in ("sluice-density", "sluice-distill")
+        has_store = name in ("sluice-density", "sluice-density-build", "sluice-distill")
         assert (egress.get((9000, "TCP")) == np["egress"]["objectStore"]["to"]) is has_store, name
         assert ((443, "TCP") in egress) is (name == "sluice-operator"), name
     # density runs as a worker: metrics only, no gRPC port to open.
     assert {
         p["port"] for r in policies["sluice-density"]["spec"]["ingress"] for p in r["ports"]
     } == {"metrics"}
-    # The topics Job takes no connections.
+    # The Jobs take no connections.
     assert policies["sluice-topics"]["spec"]["ingress"] == []
+    assert policies["sluice-density-build"]["spec"]["ingress"] == []
 
 
 def test_network_policy_ports_follow_the_endpoints() -> None:
@@ -449,6 +475,7 @@ def test_network_policy_ports_follow_the_endpoints() -> None:
         "networkPolicy.enabled=true",
         "kafka.bootstrapServers=a:9093\\,b:9094\\,c:9093",
         "stages.density.enabled=true",
+        "stages.density.config.sketch.version=1",
         "s3.endpoint=s3.example.com",
         "topics.create=false",
     )

@@ -4,11 +4,13 @@ No kube-apiserver exists on these machines (see /work/shared/INFRA.md); kmock (b
 author) serves the Kubernetes REST API from memory. Its limits shape how the tests use it:
 
 - resources must be declared up front (with their status/scale subresources), including
-  namespaces and CRDs, which kopf's observers wait for even with scanning disabled;
+  namespaces and CRDs, which kopf's observers wait for even with scanning disabled: every
+  kind the chart renders is declared below, so ``apply`` can create a whole render;
 - it sets no uid or resourceVersion: the tests create custom objects with both in the body
   (kopf JSON-patches with a resourceVersion test op; owner references need the uid);
-- it does no schema validation, defaulting or garbage collection: the tests validate custom
-  objects against the CRD schema themselves (with the CRD's defaults applied);
+- it does no schema validation, defaulting or garbage collection: ``apply`` validates custom
+  objects against the CRD schema and fills in the defaults the API server would (the CRD's,
+  and a Deployment's ``spec.replicas: 1``);
 - it runs no controllers: ``Kubelet`` below plays the Deployment controller's part of
   reporting pods ready (status.readyReplicas = spec.replicas);
 - list requests ignore label selectors (the operator filters what it lists again);
@@ -22,6 +24,7 @@ synchronous code talking to it over HTTP with the official client, like the oper
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 import uuid
@@ -36,33 +39,31 @@ from kubernetes import client, config
 
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 
+
+def _info(kind: str, *, namespaced: bool = True, verbs: set[str] = VERBS, **kw: Any) -> Any:
+    return kmock.ResourceInfo(
+        kind=kind, singular=kind.lower(), namespaced=namespaced, verbs=verbs, **kw
+    )
+
+
+# "<group>/<version>/<plural>" (core: "v1/<plural>") -> what the emulator serves.
 RESOURCES: dict[str, kmock.ResourceInfo] = {
-    "sluice.dev/v1alpha1/sluicepipelines": kmock.ResourceInfo(
-        kind="SluicePipeline",
-        singular="sluicepipeline",
-        namespaced=True,
-        verbs=VERBS,
-        subresources={"status"},
-    ),
-    "apps/v1/deployments": kmock.ResourceInfo(
-        kind="Deployment",
-        singular="deployment",
-        namespaced=True,
-        verbs=VERBS,
-        subresources={"status", "scale"},
-    ),
-    "v1/services": kmock.ResourceInfo(
-        kind="Service", singular="service", namespaced=True, verbs=VERBS
-    ),
-    "v1/events": kmock.ResourceInfo(kind="Event", singular="event", namespaced=True, verbs=VERBS),
-    "v1/namespaces": kmock.ResourceInfo(
-        kind="Namespace", singular="namespace", namespaced=False, verbs={"list", "watch", "get"}
-    ),
-    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
-        kind="CustomResourceDefinition",
-        singular="customresourcedefinition",
-        namespaced=False,
-        verbs={"list", "watch", "get"},
+    "sluice.dev/v1alpha1/sluicescalers": _info("SluiceScaler", subresources={"status"}),
+    "apps/v1/deployments": _info("Deployment", subresources={"status", "scale"}),
+    "batch/v1/jobs": _info("Job", subresources={"status"}),
+    "v1/services": _info("Service"),
+    "v1/configmaps": _info("ConfigMap"),
+    "v1/serviceaccounts": _info("ServiceAccount"),
+    "v1/events": _info("Event"),
+    "policy/v1/poddisruptionbudgets": _info("PodDisruptionBudget"),
+    "networking.k8s.io/v1/networkpolicies": _info("NetworkPolicy"),
+    "rbac.authorization.k8s.io/v1/roles": _info("Role"),
+    "rbac.authorization.k8s.io/v1/rolebindings": _info("RoleBinding"),
+    "monitoring.coreos.com/v1/servicemonitors": _info("ServiceMonitor"),
+    "monitoring.coreos.com/v1/prometheusrules": _info("PrometheusRule"),
+    "v1/namespaces": _info("Namespace", namespaced=False, verbs={"list", "watch", "get"}),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": _info(
+        "CustomResourceDefinition", namespaced=False, verbs={"list", "watch", "get"}
     ),
 }
 
@@ -151,6 +152,36 @@ class EmulatedCluster:
 
 def api(kubeconfig: Path) -> client.ApiClient:
     return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+def apply(api_client: client.ApiClient, objs: list[dict[str, Any]]) -> None:
+    """Create every object as an API server would store it (see the module doc): custom
+    objects validated against their CRD and defaulted, a uid and resourceVersion on each,
+    Deployments without replicas defaulted to 1."""
+    from tests.operators import schema
+
+    plurals = {(key.rsplit("/", 1)[0], info.kind): key for key, info in RESOURCES.items()}
+    for obj in objs:
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("resourceVersion", "1")
+        meta.setdefault("generation", 1)
+        if obj["kind"] == "SluiceScaler":
+            schema.validate(obj)
+            obj = schema.with_defaults(schema.schema(), obj)
+        if obj["kind"] == "Deployment":
+            obj["spec"].setdefault("replicas", 1)
+        key = plurals[(obj["apiVersion"], obj["kind"])]
+        prefix, plural = key.rsplit("/", 1)
+        base = "/api/v1" if prefix == "v1" else f"/apis/{prefix}"
+        api_client.call_api(
+            f"{base}/namespaces/{meta['namespace']}/{plural}",
+            "POST",
+            body=obj,
+            header_params={"Content-Type": "application/json"},
+            _preload_content=False,
+        )
 
 
 class Kubelet:

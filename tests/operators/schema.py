@@ -1,4 +1,4 @@
-"""The SluicePipeline CRD as the tests see it: its openAPIV3Schema, validation with jsonschema
+"""The SluiceScaler CRD as the tests see it: its openAPIV3Schema, validation with jsonschema
 (the API emulator validates nothing), and the API server's defaulting."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ CRD_PATH = (
     / "charts"
     / "sluice"
     / "crds"
-    / "sluicepipelines.sluice.dev.yaml"
+    / "sluicescalers.sluice.dev.yaml"
 )
 
 
@@ -32,7 +32,7 @@ def schema() -> dict[str, Any]:
 
 
 def validate(obj: dict[str, Any]) -> None:
-    """Raise jsonschema.ValidationError unless ``obj`` is a valid SluicePipeline."""
+    """Raise jsonschema.ValidationError unless ``obj`` is a valid SluiceScaler."""
     jsonschema.Draft7Validator(schema(), format_checker=jsonschema.FormatChecker()).validate(obj)
 
 

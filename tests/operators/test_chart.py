@@ -71,17 +71,18 @@ def test_rendered_operator_objects_validate_strictly() -> None:
 def test_crd_validates_strictly() -> None:
     import kubernetes_validate
 
-    crd = yaml.safe_load((CHART / "crds" / "sluicepipelines.sluice.dev.yaml").read_text())
+    crd = yaml.safe_load((CHART / "crds" / "sluicescalers.sluice.dev.yaml").read_text())
     kubernetes_validate.validate(crd, "1.33.0", strict=True)
 
 
-# What operators/ calls, and nothing more: (apiGroup, resource) -> verbs.
+# What operators/ calls, and nothing more: (apiGroup, resource) -> verbs. The operator reads
+# its target and sets replicas through the scale subresource, as the HPA does; it creates,
+# patches and deletes no workload.
 NEEDED = {
-    ("sluice.dev", "sluicepipelines"): {"get", "list", "watch", "patch"},  # kopf: watch, finalizer
-    ("sluice.dev", "sluicepipelines/status"): {"get", "patch"},
-    ("apps", "deployments"): {"get", "list", "create", "patch", "delete"},
-    ("apps", "deployments/scale"): {"get", "patch"},
-    ("", "services"): {"get", "list", "create", "patch", "delete"},
+    ("sluice.dev", "sluicescalers"): {"get", "list", "watch", "patch"},  # kopf: watch, progress
+    ("sluice.dev", "sluicescalers/status"): {"get", "patch"},
+    ("apps", "deployments"): {"get"},
+    ("apps", "deployments/scale"): {"patch"},
     ("", "events"): {"create"},
 }
 

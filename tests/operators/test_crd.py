@@ -1,52 +1,44 @@
-"""The SluicePipeline CRD: a structural schema the API server accepts, the same fields and
-defaults as the operator's typed spec, examples that validate, bad objects that do not."""
+"""The SluiceScaler CRD: a structural schema the API server accepts, the same fields and
+defaults as the operator's typed spec, the registry's stage kinds, bad objects rejected."""
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-import yaml
 
 from operators import GROUP, KIND, PLURAL, VERSION
 from operators.crd import (
     Condition,
     LagSourceState,
-    PipelineSpec,
-    PipelineStatus,
     SampleState,
+    ScalerSpec,
+    ScalerStatus,
+    ScalingSpec,
     SpecError,
-    StageStatus,
+    StageRef,
+    TargetRef,
     parse_spec,
     parse_status,
     set_condition,
 )
+from operators.lag import lag_target
+from services.runtime.errors import ConfigError
+from services.runtime.registry import KINDS
 from tests.operators import schema
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "operators" / "examples" / "pipeline.yaml"
 
 
 def minimal() -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": "p", "namespace": "ns"},
+        "metadata": {"name": "sluice-scoring", "namespace": "ns"},
         "spec": {
-            "kafka": {"bootstrapServers": "kafka:9092"},
-            "stages": [
-                {
-                    "name": "scoring",
-                    "kind": "scoring",
-                    "image": "sluice:0.1.0",
-                    "topics": {"input": "sluice.ingest", "output": "sluice.scored"},
-                    "group": "sluice-scoring",
-                }
-            ],
+            "scaleTargetRef": {"name": "sluice-scoring"},
+            "stage": {"kind": "scoring"},
         },
     }
 
@@ -60,7 +52,8 @@ def test_crd_names_match_the_operator() -> None:
     assert crd["spec"]["names"]["plural"] == PLURAL
     (version,) = crd["spec"]["versions"]
     assert version["name"] == VERSION and version["served"] and version["storage"]
-    # The operator writes status through the status subresource.
+    # The operator writes status through the status subresource; it scales the target
+    # through the target's scale subresource, so the scaler needs none of its own.
     assert version["subresources"] == {"status": {}}
 
 
@@ -100,13 +93,9 @@ def test_schema_is_structural() -> None:
     jsonschema.Draft7Validator.check_schema(schema.schema())
 
 
-def test_stage_kinds_are_services_in_the_image() -> None:
-    (version,) = schema.crd()["spec"]["versions"]
-    stage = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["stages"][
-        "items"
-    ]
-    for kind in stage["properties"]["kind"]["enum"]:
-        assert (ROOT / "services" / kind / "__main__.py").is_file(), kind
+def test_stage_kinds_are_the_registry_kinds() -> None:
+    stage = schema.schema()["properties"]["spec"]["properties"]["stage"]
+    assert tuple(stage["properties"]["kind"]["enum"]) == KINDS
 
 
 def _fields(model: type[Any]) -> set[str]:
@@ -115,15 +104,11 @@ def _fields(model: type[Any]) -> set[str]:
 
 def test_schema_and_typed_spec_have_the_same_fields() -> None:
     spec_schema = schema.schema()["properties"]["spec"]
-    stage_schema = spec_schema["properties"]["stages"]["items"]
-    from operators.crd import KafkaSpec, ScalingSpec, StageSpec, TopicsSpec
-
     pairs = [
-        (spec_schema, PipelineSpec),
-        (spec_schema["properties"]["kafka"], KafkaSpec),
-        (stage_schema, StageSpec),
-        (stage_schema["properties"]["topics"], TopicsSpec),
-        (stage_schema["properties"]["scaling"], ScalingSpec),
+        (spec_schema, ScalerSpec),
+        (spec_schema["properties"]["scaleTargetRef"], TargetRef),
+        (spec_schema["properties"]["stage"], StageRef),
+        (spec_schema["properties"]["scaling"], ScalingSpec),
     ]
     for node, model in pairs:
         assert set(node["properties"]) == _fields(model), model.__name__
@@ -135,24 +120,15 @@ def test_crd_defaults_equal_the_typed_defaults() -> None:
     obj = minimal()
     schema.validate(obj)
     defaulted = schema.with_defaults(schema.schema(), obj)["spec"]
-    parsed = PipelineSpec.model_validate(defaulted)
+    parsed = ScalerSpec.model_validate(defaulted)
     assert parsed.model_dump(by_alias=True, exclude_none=True) == defaulted
-    # Defaults the schema leaves out are the typed model's too.
-    assert parsed == PipelineSpec.model_validate(minimal()["spec"])
-
-
-def test_example_pipeline_is_valid() -> None:
-    obj = yaml.safe_load(EXAMPLE.read_text())
-    schema.validate(obj)
-    spec = parse_spec(obj["metadata"]["name"], schema.with_defaults(schema.schema(), obj)["spec"])
-    assert [s.name for s in spec.stages] == ["scoring", "density", "rewrite"]
-    assert spec.stages[0].scaling.policy().min_replicas == 0
+    assert parsed == ScalerSpec.model_validate(minimal()["spec"])
 
 
 def _set(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     obj = copy.deepcopy(obj)
     node: Any = obj
-    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    keys = path.split(".")
     for key in keys[:-1]:
         node = node[key]
     node[keys[-1]] = value
@@ -162,17 +138,12 @@ def _set(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("path", "value"),
     [
-        ("spec.stages.0.kind", "translate"),  # no such service
-        ("spec.stages.0.name", "Scoring"),  # not a DNS label
-        ("spec.stages.0.gpus", -1),
-        ("spec.stages.0.topics.input", "has space"),
-        ("spec.stages.0.scaling", {"minReplicas": -1}),
-        ("spec.stages.0.scaling", {"maxReplicas": 0}),
-        ("spec.stages.0.scaling", {"tolerancePercent": 95}),
-        ("spec.stages.0.resources", {"limits": {"memory": "lots"}}),
-        ("spec.kafka.bootstrapServers", "kafka"),  # no port
-        ("spec.stages", []),
-        ("spec.stages.0.imagePullPolicy", "Sometimes"),
+        ("spec.scaleTargetRef.kind", "StatefulSet"),
+        ("spec.scaleTargetRef.name", "Not_A_Name"),
+        ("spec.scaling", {"minReplicas": -1}),
+        ("spec.scaling", {"maxReplicas": 0}),
+        ("spec.scaling", {"tolerancePercent": 95}),
+        ("spec.scaling", {"targetLagPerReplica": 0}),
     ],
 )
 def test_schema_and_typed_spec_reject(path: str, value: Any) -> None:
@@ -180,42 +151,43 @@ def test_schema_and_typed_spec_reject(path: str, value: Any) -> None:
     with pytest.raises(jsonschema.ValidationError):
         schema.validate(bad)
     with pytest.raises(SpecError):
-        parse_spec("p", bad["spec"])
+        parse_spec(bad["spec"])
 
 
-def test_missing_required_fields_are_rejected() -> None:
-    for field in ("image", "topics", "group", "kind"):
-        bad = copy.deepcopy(minimal())
-        del bad["spec"]["stages"][0][field]
-        with pytest.raises(jsonschema.ValidationError):
-            schema.validate(bad)
-        with pytest.raises(SpecError, match=field):
-            parse_spec("p", bad["spec"])
+def test_unknown_stage_kind_is_rejected_by_schema_and_registry() -> None:
+    bad = _set(minimal(), "spec.stage.kind", "translate")
+    with pytest.raises(jsonschema.ValidationError):
+        schema.validate(bad)
+    with pytest.raises(ConfigError, match="unknown stage kind"):
+        lag_target("translate", {})
 
 
 def test_rules_beyond_the_schema() -> None:
-    """What the CRD expresses as CEL rules and list-map keys (which jsonschema does not
-    evaluate) or cannot express: the typed spec enforces it."""
-    stage = minimal()["spec"]["stages"][0]
+    """What the CRD states as a CEL rule (which jsonschema does not evaluate), and typos."""
     spec = minimal()["spec"]
     with pytest.raises(SpecError, match="minReplicas"):
-        parse_spec("p", _set(spec, "stages.0.scaling", {"minReplicas": 5, "maxReplicas": 2}))
-    with pytest.raises(SpecError, match="names must be unique"):
-        parse_spec("p", {**spec, "stages": [stage, {**stage, "group": "other"}]})
-    with pytest.raises(SpecError, match="groups must be unique"):
-        parse_spec("p", {**spec, "stages": [stage, {**stage, "name": "again"}]})
-    with pytest.raises(SpecError, match="over 63"):
-        parse_spec("p" * 60, spec)
-    owned = {"name": "SLUICE_SCORING_KAFKA__GROUP_ID", "value": "x"}
-    with pytest.raises(SpecError, match="operator-owned"):
-        parse_spec("p", _set(spec, "stages.0.env", [owned]))
-    with pytest.raises(SpecError, match="imag"):  # a typo is an error, not ignored
-        parse_spec("p", _set(spec, "stages.0.imag", "x"))
-    # Another stage's prefix, or any other setting, is the user's to set.
-    ok = parse_spec(
-        "p", _set(spec, "stages.0.env", [{"name": "SLUICE_SCORING_LOG_LEVEL", "value": "DEBUG"}])
-    )
-    assert ok.stages[0].env[0].name == "SLUICE_SCORING_LOG_LEVEL"
+        parse_spec(_set(spec, "scaling", {"minReplicas": 5, "maxReplicas": 2}))
+    with pytest.raises(SpecError, match="scaleTarget"):
+        parse_spec(_set(spec, "scaleTarget", {"name": "x"}))
+
+
+def test_lag_target_is_the_group_the_worker_commits() -> None:
+    """The group comes from the stage's config through the registry: kafka.group_id for
+    most stages, the per-pass, per-version group for density's two passes."""
+    kafka = {"bootstrap_servers": "k:9092", "input_topic": "in", "group_id": "g"}
+    scoring = lag_target("scoring", {"kafka": kafka})
+    assert (scoring.bootstrap_servers, scoring.topic, scoring.group) == ("k:9092", "in", "g")
+    density = {"kafka": kafka, "store": {"endpoint": "s3:9000"}, "sketch": {"version": 7}}
+    assert lag_target("density", density).group == "g.sample.default.v7"
+    density["sketch"] = {"name": "corpus", "version": 2}
+    assert lag_target("density", density).group == "g.sample.corpus.v2"
+    assert lag_target("density", {"kafka": kafka, "mode": "online"}).group == "g"
+    # Pass 2 with no pinned version samples the latest merged one, which only the store
+    # knows: the operator cannot name that group, and says so.
+    with pytest.raises(ConfigError, match=r"sketch\.version"):
+        lag_target("density", {"kafka": kafka})
+    with pytest.raises(ConfigError, match="invalid scoring settings"):
+        lag_target("scoring", {"kafka": {**kafka, "no_such_field": 1}})
 
 
 def test_status_the_operator_writes_fits_the_schema() -> None:
@@ -223,9 +195,10 @@ def test_status_the_operator_writes_fits_the_schema() -> None:
     would otherwise prune it) and reads back as written."""
     now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     ready = set_condition([], Condition(type="Ready", status="True", reason="PodsReady"), now)
-    stage = StageStatus(
-        name="scoring",
-        deployment="p-scoring",
+    status = ScalerStatus(
+        observed_generation=3,
+        consumer_group="sluice-density.sample.corpus.v1",
+        topic="sluice.scored",
         replicas=2,
         desired_replicas=2,
         ready_replicas=1,
@@ -242,14 +215,12 @@ def test_status_the_operator_writes_fits_the_schema() -> None:
             sampled_at="2026-01-02T03:04:05.000000Z", end_offsets=20, committed_offsets=10, lag=10
         ),
     )
-    status = PipelineStatus(observed_generation=3, conditions=ready, stages=[stage]).dump()
-    obj = {**minimal(), "status": status}
+    dumped = status.dump()
     status_schema = schema.schema()["properties"]["status"]
-    jsonschema.Draft7Validator(status_schema).validate(status)
-    assert _covered(status_schema, status), "status has fields the CRD would prune"
-    schema.validate(obj)
-    assert parse_status(status) == PipelineStatus.model_validate(status)
-    assert parse_status(status).stages[0] == stage
+    jsonschema.Draft7Validator(status_schema).validate(dumped)
+    assert _covered(status_schema, dumped), "status has fields the CRD would prune"
+    schema.validate({**minimal(), "status": dumped})
+    assert parse_status(dumped) == status
 
 
 def _covered(node: dict[str, Any], value: Any) -> bool:
@@ -262,8 +233,8 @@ def _covered(node: dict[str, Any], value: Any) -> bool:
 
 
 def test_unreadable_status_is_forgotten_not_fatal() -> None:
-    assert parse_status({"stages": "garbage"}) == PipelineStatus()
-    assert parse_status(None) == PipelineStatus()
+    assert parse_status({"conditions": "garbage"}) == ScalerStatus()
+    assert parse_status(None) == ScalerStatus()
 
 
 def test_condition_transition_time_moves_only_on_a_status_change() -> None:

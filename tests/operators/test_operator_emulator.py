@@ -1,14 +1,19 @@
-"""The operator end to end: kopf (KopfRunner) against the Kubernetes API emulator (kmock),
-offsets from a real Tansu broker.
+"""The operator end to end: the chart's rendered manifests applied to the Kubernetes API
+emulator (kmock), the operator (kopf's KopfRunner, and ``python -m operators`` as a process)
+scaling them on offsets from a real broker.
 
-One pipeline with two stages on their own topics, and one pipeline whose broker is down:
-- the operator creates each stage's Deployment and Service (owner references, one selector);
-- lag produced on the broker scales ``scoring`` from zero up to its partition count and
-  ``density`` up to its maximum; Events and /metrics say so;
-- consuming and committing to the end scales ``scoring`` back to zero (after idleSeconds)
-  and ``density`` down to its minimum;
-- a stage removed from the spec loses its Deployment and Service;
-- the pipeline on a dead broker keeps its replicas and reports LagSourceAvailable=False.
+- the chart renders every stage Deployment and, for the autoscaled ones, a SluiceScaler
+  pointing at it; the operator names each scaler's consumer group through the stage registry
+  (for two-pass density: ``<group>.sample.<sketch>.v<N>``, the group pass 2 commits);
+- lag produced on the broker scales the chart's ``scoring`` Deployment from zero up to its
+  partition count and ``density`` up to its maximum; Events and /metrics say so;
+- committing density's offsets under its configured ``group`` (the group it does NOT commit
+  in two-pass mode) changes nothing; committing them under the sample group scales it down;
+  consuming scoring's scales it to zero after idleSeconds;
+- the operator only ever PATCHes ``deployments/<name>/scale``: no create, patch or delete of
+  any Deployment, Service or other object the chart rendered;
+- a scaler whose broker is down keeps its target's replicas and reports
+  LagSourceAvailable=False; one whose target is missing waits (TargetNotFound).
 
 Tansu's end offsets can be "start of the last batch + 1" instead of the true end (see
 /work/shared/INFRA.md). The producer here flushes after every message, so every batch holds
@@ -29,6 +34,7 @@ from typing import Any
 from urllib.request import urlopen
 
 import pytest
+import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kopf.testing import KopfRunner
@@ -38,17 +44,25 @@ from prometheus_client.parser import text_string_to_metric_families
 from operators import GROUP, PLURAL, VERSION
 from operators.handlers import OperatorApp, build_registry, kopf_settings
 from operators.settings import LagClientSettings, OperatorSettings
-from tests.operators import schema
-from tests.operators.cluster import EmulatedCluster, Kubelet, api, wait_for
+from tests.deploy.chart import NAMESPACE, needs_helm, render_docs
+from tests.operators.cluster import EmulatedCluster, Kubelet, api, apply, wait_for
 from tests.support.servers import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, needs_helm]
 
-NS = "curation"
+NS = NAMESPACE  # the namespace the chart is rendered for
+
+# Fast policy for tests: no warm-up, short cooldowns and idle time.
+FAST = {
+    "warmupSeconds": 0,
+    "scaleUpCooldownSeconds": 0,
+    "scaleDownCooldownSeconds": 1,
+    "idleSeconds": 2,
+}
 
 
 @pytest.fixture
-def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatedCluster]:
+def cluster() -> Iterator[EmulatedCluster]:
     with EmulatedCluster() as c:
         yield c
 
@@ -61,40 +75,21 @@ def kubeconfig(cluster: EmulatedCluster, tmp_path: Path, monkeypatch: pytest.Mon
     return path
 
 
-def _stage(name: str, kind: str, topic: str, **scaling: int) -> dict[str, Any]:
+def render_chart(tmp_path: Path, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """``helm template`` with ``values`` (a file: --set would turn numbers into strings)."""
+    path = tmp_path / f"values-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return render_docs(values_files=(path,))
+
+
+def stage_values(topic: str, group: str, **autoscaling: Any) -> dict[str, Any]:
+    scaling = {"enabled": True, **FAST, **autoscaling} if autoscaling else {"enabled": False}
     return {
-        "name": name,
-        "kind": kind,
-        "image": "registry.example/sluice:0.1.0-gpu",
-        "topics": {"input": topic, "output": f"{topic}.out"},
-        "group": f"{topic}-group",
-        "gpus": 1,
-        "scaling": {
-            "warmupSeconds": 0,
-            "scaleUpCooldownSeconds": 0,
-            "scaleDownCooldownSeconds": 1,
-            "idleSeconds": 2,
-            **scaling,
-        },
+        "enabled": True,
+        "topics": {"input": topic, "output": f"{topic}.out", "dlq": ""},
+        "group": group,
+        "autoscaling": scaling,
     }
-
-
-def _pipeline(name: str, bootstrap: str, stages: list[dict[str, Any]]) -> dict[str, Any]:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "SluicePipeline",
-        # The emulator sets no uid/resourceVersion: a real API server would.
-        "metadata": {
-            "name": name,
-            "namespace": NS,
-            "uid": str(uuid.uuid4()),
-            "resourceVersion": "1",
-            "generation": 1,
-        },
-        "spec": {"kafka": {"bootstrapServers": bootstrap}, "stages": stages},
-    }
-    schema.validate(body)  # the emulator validates nothing: the CRD schema is checked here
-    return body
 
 
 def _produce(bootstrap: str, topic: str, partitions: int, count: int) -> None:
@@ -138,39 +133,8 @@ def _metric(port: int, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_operator_scales_stages_on_lag(
-    cluster: EmulatedCluster, kubeconfig: Path, kafka_bootstrap: str
-) -> None:
-    run = uuid.uuid4().hex[:6]
-    t_scoring, t_density = f"op-{run}-scored", f"op-{run}-dense"
-    admin = KafkaAdminClient(bootstrap_servers=[kafka_bootstrap])
-    admin.create_topics([NewTopic(t_scoring, 4, 1), NewTopic(t_density, 2, 1)])
-    admin.close()
-
-    pipeline = _pipeline(
-        "curate",
-        kafka_bootstrap,
-        [
-            # lag 200 at 25 per replica wants 8: capped by the topic's 4 partitions.
-            _stage("scoring", "scoring", t_scoring, maxReplicas=8, targetLagPerReplica=25),
-            # lag 60 at 20 per replica wants 3: capped by maxReplicas 2; never below 1.
-            _stage(
-                "density",
-                "density",
-                t_density,
-                minReplicas=1,
-                maxReplicas=2,
-                targetLagPerReplica=20,
-            ),
-        ],
-    )
-    dead_broker = f"127.0.0.1:{free_port()}"
-    offline = _pipeline(
-        "offline", dead_broker, [_stage("scoring", "scoring", "nowhere", minReplicas=1)]
-    )
-
-    metrics_port = free_port()
-    settings = OperatorSettings(
+def _settings(kubeconfig: Path, metrics_port: int) -> OperatorSettings:
+    return OperatorSettings(
         reconcile_interval_seconds=0.5,
         rate_window_seconds=5,
         metrics_host="127.0.0.1",
@@ -184,28 +148,115 @@ def test_operator_scales_stages_on_lag(
             retry_max_seconds=2,
         ),
     )
+
+
+class Cluster:
+    """Reads of the emulated cluster, as the tests need them."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.k8s = api(kubeconfig)
+        self.apps = client.AppsV1Api(self.k8s)
+        self.core = client.CoreV1Api(self.k8s)
+        self.custom = client.CustomObjectsApi(self.k8s)
+
+    def replicas(self, name: str) -> int | None:
+        found = [
+            d for d in self.apps.list_namespaced_deployment(NS).items if d.metadata.name == name
+        ]
+        return found[0].spec.replicas if found else None
+
+    def status(self, scaler: str) -> dict[str, Any]:
+        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, scaler)
+        status: dict[str, Any] = obj.get("status") or {}
+        return status
+
+    def condition(self, scaler: str, type_: str) -> dict[str, Any]:
+        conditions = self.status(scaler).get("conditions", [])
+        return next((c for c in conditions if c["type"] == type_), {})
+
+    def events(self, scaler: str) -> list[client.CoreV1Event]:
+        events = [
+            e for e in self.core.list_namespaced_event(NS).items if e.involved_object.name == scaler
+        ]
+        return sorted(events, key=lambda e: e.event_time)
+
+
+def test_operator_scales_the_charts_deployments_on_lag(
+    cluster: EmulatedCluster, kubeconfig: Path, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    t_scoring, t_density = f"op-{run}-ingest", f"op-{run}-scored"
+    admin = KafkaAdminClient(bootstrap_servers=[kafka_bootstrap])
+    admin.create_topics([NewTopic(t_scoring, 4, 1), NewTopic(t_density, 2, 1)])
+    admin.close()
+    density_group = f"op-{run}-density"
+    sample_group = f"{density_group}.sample.corpus.v1"
+
+    values = {
+        "kafka": {"bootstrapServers": kafka_bootstrap},
+        # Density's pass 2 needs a store; the operator never talks to it.
+        "s3": {"endpoint": "minio.storage:9000", "secure": False},
+        "topics": {"create": False},
+        "operator": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "networkPolicy": {"enabled": True},
+        "stages": {
+            # lag 200 at 25 per replica wants 8: capped by the topic's 4 partitions.
+            "scoring": stage_values(
+                t_scoring, f"op-{run}-scoring", maxReplicas=8, targetLagPerReplica=25
+            ),
+            # Two passes: the chart renders the sketch build Job for v1 and this Deployment
+            # runs pass 2, which commits the sample group. lag 60 at 20 per replica wants 3:
+            # capped by maxReplicas 2; never below 1.
+            "density": {
+                **stage_values(
+                    t_density, density_group, minReplicas=1, maxReplicas=2, targetLagPerReplica=20
+                ),
+                "mode": "worker",
+                "config": {"mode": "two_pass_sample", "sketch": {"name": "corpus", "version": 1}},
+            },
+            # Not autoscaled: the chart's replicas, untouched by the operator.
+            "rewrite": {**stage_values(t_density, f"op-{run}-rewrite"), "replicas": 3},
+        },
+    }
+    rendered = render_chart(tmp_path, values)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in rendered}
+    assert {
+        ("SluiceScaler", "sluice-scoring"),
+        ("SluiceScaler", "sluice-density"),
+        ("Job", "sluice-density-build-v1"),
+        ("Deployment", "sluice-rewrite"),
+    } <= kinds
+    assert ("SluiceScaler", "sluice-rewrite") not in kinds
+
+    # Two scalers the chart would not render: a dead broker, a missing target.
+    (scoring_scaler,) = [
+        d
+        for d in rendered
+        if d["kind"] == "SluiceScaler" and d["metadata"]["name"] == "sluice-scoring"
+    ]
+    dead_broker = f"127.0.0.1:{free_port()}"
+    offline = yaml.safe_load(yaml.safe_dump(scoring_scaler))
+    offline["metadata"]["name"] = "offline"
+    offline["spec"]["scaleTargetRef"]["name"] = "sluice-rewrite"
+    offline["spec"]["stage"]["config"]["kafka"]["bootstrap_servers"] = dead_broker
+    orphan = yaml.safe_load(yaml.safe_dump(scoring_scaler))
+    orphan["metadata"]["name"] = "orphan"
+    orphan["spec"]["scaleTargetRef"]["name"] = "no-such-deployment"
+
+    k = Cluster(kubeconfig)
+    apply(k.k8s, [*rendered, offline, orphan])
+    # Every stage Deployment exists before the operator runs, made by the chart.
+    assert {k.replicas(f"sluice-{s}") for s in ("scoring", "density")} == {1}
+    assert k.replicas("sluice-rewrite") == 3
+    served_before = len(cluster.requests())
+
+    metrics_port = free_port()
+    settings = _settings(kubeconfig, metrics_port)
     app = OperatorApp.from_settings(settings)
-    k8s = api(kubeconfig)
-    apps, core, custom = client.AppsV1Api(k8s), client.CoreV1Api(k8s), client.CustomObjectsApi(k8s)
-
-    def deployment(name: str) -> dict[str, Any] | None:
-        found = [d for d in apps.list_namespaced_deployment(NS).items if d.metadata.name == name]
-        return k8s.sanitize_for_serialization(found[0]) if found else None
-
-    def replicas(name: str) -> int | None:
-        d = deployment(name)
-        return None if d is None else d["spec"].get("replicas")
-
-    def stage_status(pipeline: str, stage: str) -> dict[str, Any]:
-        obj = custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, pipeline)
-        stages = (obj.get("status") or {}).get("stages", [])
-        return next((s for s in stages if s["name"] == stage), {})
-
-    def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
-        return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
-
     with (
-        Kubelet(k8s, NS),
+        Kubelet(k.k8s, NS),
         KopfRunner(
             ["run", "--standalone", "-n", NS],
             registry=build_registry(app),
@@ -213,196 +264,120 @@ def test_operator_scales_stages_on_lag(
             timeout=30,
         ) as runner,
     ):
-        for body in (pipeline, offline):
-            custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
-
-        # -- the owned objects exist, wired to each other and to the pipeline -------------
-        dep = wait_for(lambda: deployment("curate-scoring"), "Deployment curate-scoring")
-        uid = pipeline["metadata"]["uid"]
-        assert dep["metadata"]["ownerReferences"][0]["uid"] == uid
-        assert dep["metadata"]["ownerReferences"][0]["controller"] is True
-        pod = dep["spec"]["template"]
-        selector = dep["spec"]["selector"]["matchLabels"]
-        assert selector.items() <= pod["metadata"]["labels"].items()
-        (container,) = pod["spec"]["containers"]
-        assert container["command"] == ["python", "-m", "services.scoring"]
-        assert container["args"] == ["all"]
-        env = {e["name"]: e.get("value") for e in container["env"]}
-        assert env["SLUICE_SCORING_KAFKA__BOOTSTRAP_SERVERS"] == kafka_bootstrap
-        assert env["SLUICE_SCORING_KAFKA__INPUT_TOPIC"] == t_scoring
-        assert env["SLUICE_SCORING_KAFKA__GROUP_ID"] == f"{t_scoring}-group"
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert container["readinessProbe"]["grpc"] == {"port": 50051}
-        svc = wait_for(
-            lambda: next(
-                (
-                    s
-                    for s in core.list_namespaced_service(NS).items
-                    if s.metadata.name == "curate-scoring"
-                ),
-                None,
-            ),
-            "Service curate-scoring",
-        )
-        assert svc.spec.selector == selector
-        assert {p.name: p.port for p in svc.spec.ports} == {"grpc": 50051, "metrics": 9100}
-        assert svc.metadata.owner_references[0].uid == uid
-        wait_for(lambda: deployment("curate-density"), "Deployment curate-density")
-
-        # No lag yet: each stage sits at its minimum.
-        wait_for(lambda: stage_status("curate", "scoring").get("observedLag") == 0, "lag read")
-        assert replicas("curate-scoring") == 0
-        wait_for(lambda: replicas("curate-density") == 1, "density at its minimum")
+        # -- each scaler reads the group its stage really commits --------------------------
+        wait_for(lambda: k.status("sluice-density").get("observedLag") == 0, "density lag read")
+        assert k.status("sluice-density")["consumerGroup"] == sample_group
+        assert k.status("sluice-density")["topic"] == t_density
+        assert k.status("sluice-scoring")["consumerGroup"] == f"op-{run}-scoring"
+        # No lag: scoring goes to zero once idle, density holds its minimum.
+        wait_for(lambda: k.replicas("sluice-scoring") == 0, "scoring idle to zero", timeout=30)
+        assert k.replicas("sluice-density") == 1
 
         # -- lag appears: scale up, bounded by partitions and by maxReplicas ---------------
         _produce(kafka_bootstrap, t_scoring, 4, 200)
         _produce(kafka_bootstrap, t_density, 2, 60)
-        wait_for(lambda: replicas("curate-scoring") == 4, "scoring scaled to 4 partitions")
-        wait_for(lambda: replicas("curate-density") == 2, "density scaled to its max of 2")
-        # Status is written after each pass: wait for the pass that saw all the lag.
+        wait_for(lambda: k.replicas("sluice-scoring") == 4, "scoring scaled to 4 partitions")
+        wait_for(lambda: k.replicas("sluice-density") == 2, "density scaled to its max of 2")
         scoring = wait_for(
-            lambda: (s := stage_status("curate", "scoring")).get("observedLag") == 200 and s,
+            lambda: (s := k.status("sluice-scoring")).get("observedLag") == 200 and s,
             "status with the whole lag",
         )
-        assert scoring["partitions"] == 4
-        assert scoring["desiredReplicas"] == 4
-        # Lag 200 at 25 per replica asks for 8; the partitions cap it.
+        assert scoring["partitions"] == 4 and scoring["desiredReplicas"] == 4
         assert "bounded to [0, 4] (max 8, 4 partitions)" in scoring["lastDecision"]
-        assert condition(scoring, "LagSourceAvailable")["status"] == "True"
+        assert k.condition("sluice-scoring", "LagSourceAvailable")["status"] == "True"
+        assert _metric(metrics_port, "sluice_operator_lag", scaler="sluice-scoring") == 200
         assert (
-            _metric(metrics_port, "sluice_operator_lag", pipeline="curate", stage="scoring") == 200
+            _metric(metrics_port, "sluice_operator_desired_replicas", scaler="sluice-scoring") == 4
         )
-        assert (
-            _metric(
-                metrics_port, "sluice_operator_desired_replicas", pipeline="curate", stage="scoring"
-            )
-            == 4
-        )
-        # The offline pipeline kept its replicas and says why.
-        offline_stage = wait_for(
-            lambda: (
-                (s := stage_status("offline", "scoring"))
-                and condition(s, "LagSourceAvailable").get("status") == "False"
-                and s
-            ),
-            "offline pipeline's lag source reported down",
-        )
-        assert dead_broker in condition(offline_stage, "LagSourceAvailable")["message"]
-        assert offline_stage["lagSource"]["failures"] >= 1
-        assert replicas("offline-scoring") == 1
-        assert _metric(metrics_port, "sluice_operator_lag_source_up", pipeline="offline") == 0
-        failed_reads = _metric(
-            metrics_port,
-            "sluice_operator_reconcile_errors_total",
-            pipeline="offline",
-            kind="lag_source",
-        )
-        assert failed_reads is not None and failed_reads >= 1
 
-        # -- lag consumed: back to zero (scoring) and to the minimum (density) ------------
-        _consume_all(kafka_bootstrap, t_scoring, 4, f"{t_scoring}-group", 200)
-        _consume_all(kafka_bootstrap, t_density, 2, f"{t_density}-group", 60)
-        wait_for(lambda: replicas("curate-density") == 1, "density back to its minimum")
-        wait_for(lambda: replicas("curate-scoring") == 0, "scoring scaled to zero", timeout=30)
+        # -- density: its configured group is not the group pass 2 commits ----------------
+        _consume_all(kafka_bootstrap, t_density, 2, density_group, 60)
+        time.sleep(2.5)  # a few passes, past the scale-down cooldown
+        assert k.status("sluice-density")["observedLag"] == 60
+        assert k.replicas("sluice-density") == 2
+        _consume_all(kafka_bootstrap, t_density, 2, sample_group, 60)
+        wait_for(lambda: k.replicas("sluice-density") == 1, "density back to its minimum")
+
+        # -- scoring consumed: back to zero after idleSeconds -------------------------------
+        _consume_all(kafka_bootstrap, t_scoring, 4, f"op-{run}-scoring", 200)
+        wait_for(lambda: k.replicas("sluice-scoring") == 0, "scoring scaled to zero", timeout=30)
         scoring = wait_for(
-            lambda: (s := stage_status("curate", "scoring")).get("desiredReplicas") == 0 and s,
+            lambda: (s := k.status("sluice-scoring")).get("desiredReplicas") == 0 and s,
             "status after scaling to zero",
         )
-        assert scoring["observedLag"] == 0
-        assert scoring["lastScaleTime"]
-        assert scoring["idleSince"]
-        assert condition(scoring, "Ready")["reason"] == "ScaledToZero"
+        assert scoring["observedLag"] == 0 and scoring["lastScaleTime"] and scoring["idleSince"]
+        assert k.condition("sluice-scoring", "Ready")["reason"] == "ScaledToZero"
 
-        events = sorted(
-            (e for e in core.list_namespaced_event(NS).items if e.involved_object.name == "curate"),
-            key=lambda e: e.event_time,
-        )
-        reasons = {e.reason for e in events}
-        assert {"Created", "ScaledUp", "ScaledDown"} <= reasons
-        # A pass may land mid-production: the way up can take more than one step.
-        ups = [
-            e.message
-            for e in events
-            if e.reason == "ScaledUp" and e.message.startswith("scoring: ")
-        ]
-        assert ups[0].startswith("scoring: 0 -> ") and "lag appeared" in ups[0]
+        ups = [e.message for e in k.events("sluice-scoring") if e.reason == "ScaledUp"]
         assert any("-> 4 replicas" in m and "per replica" in m for m in ups)
-        offline_events = [
-            e for e in core.list_namespaced_event(NS).items if e.involved_object.name == "offline"
-        ]
+        assert {"ScaledUp", "ScaledDown"} <= {e.reason for e in k.events("sluice-density")}
+
+        # -- a dead broker keeps the replicas; a missing target is waited for ---------------
+        offline_lag = wait_for(
+            lambda: (
+                (c := k.condition("offline", "LagSourceAvailable")).get("status") == "False" and c
+            ),
+            "offline scaler's lag source reported down",
+        )
+        assert dead_broker in offline_lag["message"]
+        assert k.status("offline")["lagSource"]["failures"] >= 1
+        assert _metric(metrics_port, "sluice_operator_lag_source_up", scaler="offline") == 0
         assert any(
-            e.reason == "LagSourceUnavailable" and e.type == "Warning" for e in offline_events
+            e.reason == "LagSourceUnavailable" and e.type == "Warning" for e in k.events("offline")
         )
-        assert replicas("offline-scoring") == 1
+        assert k.replicas("sluice-rewrite") == 3
+        orphan_ready = wait_for(
+            lambda: (c := k.condition("orphan", "Ready")).get("reason") == "TargetNotFound" and c,
+            "TargetNotFound",
+        )
+        assert "no-such-deployment" in orphan_ready["message"]
+        assert sum(e.reason == "TargetNotFound" for e in k.events("orphan")) == 1
 
-        # Dozens of passes so far, and never a patch of a stage's Deployment or Service
-        # body: nothing in them differed from the desired objects (scale and status aside).
-        def object_patches(name: str) -> list[str]:
-            return [
-                path
-                for method, path in cluster.requests()
-                if method == "PATCH" and path.rsplit("/", 1)[-1] == name
-            ]
-
-        assert object_patches("curate-scoring") == []
-
-        # -- a spec change is applied; a stage leaves the spec and its objects go -----------
-        scoring_stage = {**pipeline["spec"]["stages"][0], "image": "registry.example/sluice:0.2.0"}
-        custom.patch_namespaced_custom_object(
-            GROUP, VERSION, NS, PLURAL, "curate", {"spec": {"stages": [scoring_stage]}}
-        )
-        wait_for(lambda: deployment("curate-density") is None, "density Deployment deleted")
-        wait_for(
-            lambda: (
-                not [
-                    s
-                    for s in core.list_namespaced_service(NS).items
-                    if s.metadata.name == "curate-density"
-                ]
-            ),
-            "density Service deleted",
-        )
-        image = wait_for(
-            lambda: (
-                (d := deployment("curate-scoring"))
-                and d["spec"]["template"]["spec"]["containers"][0]["image"].endswith("0.2.0")
-            ),
-            "the new image applied",
-        )
-        assert image
-        time.sleep(1)  # more passes: the change was applied once, then nothing differs
-        assert len(object_patches("curate-scoring")) == 1
-        assert replicas("curate-scoring") == 0  # the image change left the scaler's count alone
+        # -- the operator only ever set replicas through the scale subresource -------------
+        writes = [
+            (method, path)
+            for method, path in cluster.requests()[served_before:]
+            if method in ("POST", "PUT", "PATCH", "DELETE")
+            and f"/namespaces/{NS}/{PLURAL}/" not in path  # its own scalers' status
+            and not path.endswith("/events")
+            # The Kubelet stand-in reports pods ready there.
+            and not (path.endswith("/status") and "/deployments/" in path)
+        ]
+        assert writes, "no scale call seen"
+        assert {m for m, _ in writes} == {"PATCH"}
+        assert {p.rsplit("/", 1)[-1] for _, p in writes} == {"scale"}
     assert runner.exception is None
 
 
-def test_operator_process_refuses_bad_specs_and_foreign_objects(kubeconfig: Path) -> None:
-    """``python -m operators`` as the container runs it: it reports an invalid spec and a
-    name clash with an object it does not own (and leaves that object alone), serves
-    /healthz and /metrics, and stops cleanly on SIGTERM."""
-    k8s = api(kubeconfig)
-    apps, core, custom = client.AppsV1Api(k8s), client.CoreV1Api(k8s), client.CustomObjectsApi(k8s)
-    foreign = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "taken-scoring", "namespace": NS, "labels": {"app": "mine"}},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "mine"}},
-            "template": {
-                "metadata": {"labels": {"app": "mine"}},
-                "spec": {"containers": [{"name": "c", "image": "someone/else:1"}]},
-            },
+def test_operator_process_reports_specs_it_cannot_act_on(kubeconfig: Path, tmp_path: Path) -> None:
+    """``python -m operators`` as the container runs it: an invalid policy and a two-pass
+    density stage without a pinned sketch version (whose group only the store could name)
+    are reported as InvalidSpec, once each, with the target untouched; it serves /healthz
+    and /metrics and stops cleanly on SIGTERM."""
+    k = Cluster(kubeconfig)
+    values = {
+        "kafka": {"bootstrapServers": f"127.0.0.1:{free_port()}"},
+        "s3": {"endpoint": "minio:9000"},
+        "topics": {"create": False},
+        "stages": {
+            "density": {
+                "enabled": True,
+                "autoscaling": {"enabled": True},
+                "config": {"sketch": {"version": 1}},
+            }
         },
     }
-    apps.create_namespaced_deployment(NS, foreign)
-    dead = f"127.0.0.1:{free_port()}"
-    taken = _pipeline("taken", dead, [_stage("scoring", "scoring", "t", minReplicas=1)])
+    rendered = render_chart(tmp_path, values)
+    (density,) = [d for d in rendered if d["kind"] == "SluiceScaler"]
+    broken = yaml.safe_load(yaml.safe_dump(density))
+    broken["metadata"]["name"] = "broken"
     # Passes the schema as jsonschema sees it; a real API server rejects it by the CRD's CEL
     # rule (minReplicas <= maxReplicas), the operator by its typed spec.
-    broken = _pipeline(
-        "broken", dead, [_stage("scoring", "scoring", "t", minReplicas=3, maxReplicas=2)]
-    )
+    broken["spec"]["scaling"].update(minReplicas=3, maxReplicas=2)
+    unpinned = yaml.safe_load(yaml.safe_dump(density))
+    unpinned["metadata"]["name"] = "unpinned"
+    del unpinned["spec"]["stage"]["config"]["sketch"]["version"]
+    apply(k.k8s, [*rendered, broken, unpinned])
 
     metrics_port, liveness_port = free_port(), free_port()
     env = {
@@ -422,58 +397,24 @@ def test_operator_process_refuses_bad_specs_and_foreign_objects(kubeconfig: Path
         stderr=subprocess.STDOUT,
     )
     try:
-        for body in (taken, broken):
-            custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
 
-        def ready(name: str) -> dict[str, Any]:
-            obj = custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
-            conditions = (obj.get("status") or {}).get("conditions", [])
-            return next((c for c in conditions if c["type"] == "Ready"), {})
+        def invalid(name: str) -> dict[str, Any]:
+            c = k.condition(name, "Ready")
+            return c if c.get("reason") == "InvalidSpec" else {}
 
-        invalid = wait_for(
-            lambda: ready("broken").get("reason") == "InvalidSpec" and ready("broken"),
-            "InvalidSpec",
-        )
-        assert "minReplicas (3) > maxReplicas (2)" in invalid["message"]
-        assert invalid["status"] == "False"
-
-        def taken_stage() -> dict[str, Any]:
-            obj = custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "taken")
-            return next(iter((obj.get("status") or {}).get("stages", [])), {})
-
-        clash = wait_for(
-            lambda: next(
-                (
-                    c
-                    for c in taken_stage().get("conditions", [])
-                    if c.get("reason") == "ObjectNotOwned"
-                ),
-                None,
-            ),
-            "ObjectNotOwned",
-        )
-        assert "taken-scoring exists and is not owned" in clash["message"]
-        time.sleep(1.5)  # a few more passes: the foreign object stays untouched, no event spam
-        live = apps.read_namespaced_deployment("taken-scoring", NS)
-        assert live.metadata.owner_references is None
-        assert live.spec.template.spec.containers[0].image == "someone/else:1"
-        assert live.spec.replicas == 2
-        # Nothing else was made for the clashing stage either.
-        services = {s.metadata.name for s in core.list_namespaced_service(NS).items}
-        assert "taken-scoring" not in services
-        events = core.list_namespaced_event(NS).items
         assert (
-            sum(e.reason == "InvalidSpec" and e.involved_object.name == "broken" for e in events)
-            == 1
+            "minReplicas (3) > maxReplicas (2)"
+            in wait_for(lambda: invalid("broken"), "InvalidSpec")["message"]
         )
-        assert (
-            sum(e.reason == "ObjectNotOwned" and e.involved_object.name == "taken" for e in events)
-            == 1
-        )
+        assert "sketch.version" in wait_for(lambda: invalid("unpinned"), "InvalidSpec")["message"]
+        time.sleep(1.5)  # a few more passes: no event spam, nothing scaled
+        for name in ("broken", "unpinned"):
+            assert sum(e.reason == "InvalidSpec" for e in k.events(name)) == 1
+        assert k.replicas("sluice-density") == 1
 
         assert urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5).status == 200
         errors = _metric(
-            metrics_port, "sluice_operator_reconcile_errors_total", pipeline="broken", kind="spec"
+            metrics_port, "sluice_operator_reconcile_errors_total", scaler="broken", kind="spec"
         )
         assert errors is not None and errors >= 2
     finally:

@@ -100,6 +100,48 @@ topics, group, ports: the probes and Service depend on the ports).
 {{- end }}
 
 {{/*
+"true" when the stage is density in two_pass_sample mode (services/density/settings.py's
+default mode): it then needs a build Job (density-build-job.yaml) for config.sketch.version.
+*/}}
+{{- define "sluice.densityTwoPass" -}}
+{{- if and (eq .stage "density") (eq (default "two_pass_sample" (default (dict) .spec.config).mode) "two_pass_sample") }}true{{ end }}
+{{- end }}
+
+{{/*
+Fail early on stage values that render but cannot start: density's pass 1 as a Deployment,
+or two-pass sampling without an object store or a pinned sketch version (the build Job,
+the pass-2 group and the operator all need the version).
+*/}}
+{{- define "sluice.checkStage" -}}
+{{- if gt (int .spec.autoscaling.minReplicas) (int .spec.autoscaling.maxReplicas) }}
+{{- fail (printf "stages.%s.autoscaling: minReplicas must not exceed maxReplicas" .stage) }}
+{{- end }}
+{{- if eq .stage "density" }}
+{{- $config := default (dict) .spec.config }}
+{{- if eq (default "" $config.mode) "two_pass_build" }}
+{{- fail "stages.density.config.mode: two_pass_build is pass 1, which the chart runs as the sketch build Job; set two_pass_sample (or online)" }}
+{{- end }}
+{{- if include "sluice.densityTwoPass" . }}
+{{- if not .root.Values.s3.endpoint }}
+{{- fail "stages.density: mode two_pass_sample needs the object store (s3.endpoint); or set stages.density.config.mode: online" }}
+{{- end }}
+{{- if not (default (dict) $config.sketch).version }}
+{{- fail "stages.density: mode two_pass_sample needs config.sketch.version (the sketch version the build Job builds and pass 2 samples against)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The build settings of a two-pass density stage: its config with mode two_pass_build.
+*/}}
+{{- define "sluice.densityBuildConfig" -}}
+{{- $config := include "sluice.stageConfig" . | fromYaml }}
+{{- $_ := set $config "mode" "two_pass_build" }}
+{{- $config | toYaml }}
+{{- end }}
+
+{{/*
 Where a stage's settings keep their S3 block ("a.b", dotted), or "" for stages without one.
 The block has endpoint, bucket, secure, region, access_key and secret_key fields
 (services/density/settings.py StoreSettings, services/distill/settings.py S3Settings).
@@ -136,6 +178,102 @@ needs. Empty for stages without an object store, or without endpoint or Secret.
       name: {{ $s3.existingSecret }}
       key: {{ index . 1 }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+What every container running a stage's service shares (the Deployment's and the density
+build Job's): image, environment, resources (GPUs added as gpuResource limits), security
+context and the mounts of the read-only root filesystem's writable places.
+*/}}
+{{- define "sluice.stageContainer" -}}
+{{- $spec := .spec }}
+{{- $resources := deepCopy (default (dict) $spec.resources) }}
+{{- if gt (int $spec.gpus) 0 }}
+{{- $limits := default (dict) $resources.limits }}
+{{- $_ := set $limits $spec.gpuResource (int $spec.gpus) }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end }}
+image: {{ include "sluice.image" . | quote }}
+imagePullPolicy: {{ $spec.image.pullPolicy }}
+env:
+  - name: SLUICE_SERVICE
+    value: {{ .stage | quote }}
+  # The writable volumes below: the root filesystem is read-only.
+  - name: HOME
+    value: /home/sluice
+  - name: XDG_CACHE_HOME
+    value: /home/sluice/.cache
+  {{- with include "sluice.s3Env" . | trim }}
+  # Object-store credentials, by reference to s3.existingSecret.
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- with $spec.env }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with $resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .root.Values.securityContext | nindent 2 }}
+volumeMounts:
+  - name: config
+    mountPath: /etc/sluice
+    readOnly: true
+  - name: tmp
+    mountPath: /tmp
+  - name: home
+    mountPath: /home/sluice
+  - name: model-cache
+    mountPath: /home/sluice/.cache
+  {{- if $spec.shmSizeLimit }}
+  - name: dshm
+    mountPath: /dev/shm
+  {{- end }}
+{{- end }}
+
+{{/*
+The rest of a stage pod's spec after its containers: the volumes sluice.stageContainer
+mounts, and the stage's scheduling.
+*/}}
+{{- define "sluice.stagePodTail" -}}
+{{- $spec := .spec }}
+volumes:
+  - name: config
+    configMap:
+      name: {{ include "sluice.stageFullname" . }}
+  - name: tmp
+    emptyDir:
+      sizeLimit: 1Gi
+  - name: home
+    emptyDir:
+      sizeLimit: 256Mi
+  - name: model-cache
+    {{- if $spec.modelCache.existingClaim }}
+    persistentVolumeClaim:
+      claimName: {{ $spec.modelCache.existingClaim }}
+    {{- else }}
+    emptyDir:
+      sizeLimit: {{ $spec.modelCache.sizeLimit }}
+    {{- end }}
+  {{- if $spec.shmSizeLimit }}
+  - name: dshm
+    emptyDir:
+      medium: Memory
+      sizeLimit: {{ $spec.shmSizeLimit }}
+  {{- end }}
+{{- with $spec.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $spec.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $spec.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
 
