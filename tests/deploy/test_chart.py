@@ -422,8 +422,7 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 def test_network_policies(gpu_objs: dict[Key, dict[str, Any]], gpu_values: dict[str, Any]) -> None:
     # By component: one policy covers a component's pods, e.g. every density build Job's.
     policies = {
-        f"{RELEASE}-{_component(p)}": p
-        for p in _by_kind(gpu_objs, "NetworkPolicy").values()
+        f"{RELEASE}-{_component(p)}": p for p in _by_kind(gpu_objs, "NetworkPolicy").values()
     }
     workloads = {
         f"{RELEASE}-{_component(o)}": (
@@ -594,3 +593,156 @@ def test_notes_tell_how_to_publish_and_watch() -> None:
     assert "port-forward svc/<release>-grafana 3000:80" in notes
     assert '"Sluice: curation pipeline"' in notes  # the dashboard's title, read from its JSON
     assert "SluiceStageLagGrowing" in notes
+
+
+# -- autoscaling: one owner of the pod template, every stage covered ---------------------------
+
+
+@pytest.fixture(scope="module")
+def autoscaled_objs(tmp_path_factory: pytest.TempPathFactory) -> dict[Key, dict[str, Any]]:
+    """Every stage enabled and autoscaled, every optional object on."""
+    stages: dict[str, Any] = {
+        s: {"enabled": True, "autoscaling": {"enabled": True}} for s in STAGES
+    }
+    stages["density"]["config"] = {"sketch": {"name": "corpus", "version": 2}}
+    values = {
+        "s3": {"endpoint": "minio.storage:9000", "secure": False},
+        "stages": stages,
+        "operator": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "networkPolicy": {"enabled": True},
+        "podDisruptionBudget": {"enabled": True},
+    }
+    path = tmp_path_factory.mktemp("values") / "autoscaled.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return render(values_files=(path,))
+
+
+def test_monitoring_alerts_policies_and_budgets_cover_every_autoscaled_stage(
+    autoscaled_objs: dict[Key, dict[str, Any]],
+) -> None:
+    """The chart renders every stage Deployment, autoscaled or not, so the ServiceMonitor,
+    the PrometheusRule, the NetworkPolicies and the PDBs select every stage's pods."""
+    objs = autoscaled_objs
+    deploys = {n: d for n, d in _by_kind(objs, "Deployment").items() if _component(d) in STAGES}
+    assert {_component(d) for d in deploys.values()} == set(STAGES)
+    services = _by_kind(objs, "Service")
+    (sm,) = _by_kind(objs, "ServiceMonitor").values()
+    (rule,) = _by_kind(objs, "PrometheusRule").values()
+    rule_text = yaml.safe_dump(rule["spec"])
+    policies = _by_kind(objs, "NetworkPolicy").values()
+    pdbs = _by_kind(objs, "PodDisruptionBudget").values()
+    for name, deploy in deploys.items():
+        pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+        # Scraped: a Service the ServiceMonitor selects routes to these pods' metrics port.
+        scraped = [
+            s
+            for s in services.values()
+            if _selects(sm["spec"]["selector"], s["metadata"]["labels"])
+            and s["spec"]["selector"].items() <= pod_labels.items()
+            and "metrics" in {p["name"] for p in s["spec"]["ports"]}
+        ]
+        assert [s["metadata"]["name"] for s in scraped] == [name], name
+        # Alerted on: the rules select the scrape job that Service gives the series.
+        assert f'job="{name}"' in rule_text, name
+        # Fenced and protected.
+        assert [p for p in policies if _selects(p["spec"]["podSelector"], pod_labels)], name
+        assert [b for b in pdbs if _selects(b["spec"]["selector"], pod_labels)], name
+
+
+def test_each_autoscaled_stage_gets_a_scaler_pointing_at_its_deployment(
+    autoscaled_objs: dict[Key, dict[str, Any]],
+) -> None:
+    """The scaler carries the stage's kind and the very config its pods read; the operator
+    derives from it the group the stage's workers commit (density pass 2: the sample group
+    of the pinned sketch version); the Deployment leaves its replicas to the scaler."""
+    from operators.crd import parse_spec
+    from operators.lag import lag_target
+    from services.runtime.registry import consumer_group, load_stage_settings
+    from tests.operators import schema
+
+    scalers = _by_kind(autoscaled_objs, "SluiceScaler")
+    assert set(scalers) == {f"{RELEASE}-{s}" for s in STAGES}
+    for name, scaler in scalers.items():
+        schema.validate(scaler)
+        spec = parse_spec(schema.with_defaults(schema.schema(), scaler)["spec"])
+        assert spec.scale_target_ref.name == name
+        deploy = autoscaled_objs[("Deployment", name)]
+        assert "replicas" not in deploy["spec"], name
+        kind = spec.stage.kind
+        assert kind == _component(deploy)
+        config = yaml.safe_load(autoscaled_objs[("ConfigMap", name)]["data"]["config.yaml"])
+        assert spec.stage.config == config
+        target = lag_target(kind, spec.stage.config)
+        assert target.group == consumer_group(kind, load_stage_settings(kind, config))
+        assert target.topic == config["kafka"]["input_topic"]
+    density = lag_target("density", scalers[f"{RELEASE}-density"]["spec"]["stage"]["config"])
+    assert density.group == "sluice-density.sample.corpus.v2"
+
+
+def test_two_pass_density_gets_its_sketch_build_job(
+    autoscaled_objs: dict[Key, dict[str, Any]],
+) -> None:
+    """Pass 1 (an init container) then the merge, with the stage's own settings in mode
+    two_pass_build for the version pass 2 samples against; the Job's pods are not the
+    stage's (no Service, PDB or Deployment selects them)."""
+    from services.runtime.registry import consumer_group, load_stage_settings
+
+    job = autoscaled_objs[("Job", f"{RELEASE}-density-build-v2")]
+    assert "helm.sh/hook" not in job["metadata"].get("annotations", {})
+    pod = job["spec"]["template"]["spec"]
+    (build,) = pod["initContainers"]
+    (merge,) = pod["containers"]
+    assert build["args"] == ["worker", "--config", "/etc/sluice/build.yaml"]
+    assert merge["args"] == ["merge", "--config", "/etc/sluice/build.yaml"]
+    deploy = autoscaled_objs[("Deployment", f"{RELEASE}-density")]
+    (stage,) = deploy["spec"]["template"]["spec"]["containers"]
+    for c in (build, merge):
+        assert (c["image"], c["env"], c["resources"]) == (
+            stage["image"],
+            stage["env"],
+            stage["resources"],
+        )
+    data = autoscaled_objs[("ConfigMap", f"{RELEASE}-density")]["data"]
+    sample = load_stage_settings("density", yaml.safe_load(data["config.yaml"]))
+    built = load_stage_settings("density", yaml.safe_load(data["build.yaml"]))
+    assert (sample.mode, built.mode) == ("two_pass_sample", "two_pass_build")  # type: ignore[attr-defined]
+    assert built.sketch == sample.sketch  # type: ignore[attr-defined]
+    assert consumer_group("density", built) == "sluice-density.build.corpus.v2"
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Deployment", "PodDisruptionBudget"):
+        for o in _by_kind(autoscaled_objs, kind).values():
+            assert not o["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    for s in _by_kind(autoscaled_objs, "Service").values():
+        assert not s["spec"]["selector"].items() <= labels.items()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["stages.density.enabled=true"], "needs the object store"),
+        (["stages.density.enabled=true", "s3.endpoint=m:9000"], "needs config.sketch.version"),
+        (
+            ["stages.density.enabled=true", "stages.density.config.mode=two_pass_build"],
+            "sketch build Job",
+        ),
+        (
+            [
+                "stages.scoring.autoscaling.enabled=true",
+                "stages.scoring.autoscaling.minReplicas=5",
+            ],
+            "minReplicas must not exceed maxReplicas",
+        ),
+    ],
+)
+def test_stage_values_that_cannot_start_fail_the_render(values: list[str], message: str) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        render(*values)
+    assert message in err.value.stderr
+
+
+def test_online_density_needs_no_store_and_no_build_job() -> None:
+    objs = render("stages.density.enabled=true", "stages.density.config.mode=online")
+    assert set(_by_kind(objs, "Job")) == {"sluice-topics"}
+    assert "build.yaml" not in objs[("ConfigMap", "sluice-density")]["data"]
