@@ -151,3 +151,54 @@ def test_values_schema_rejects_a_bad_operator_block() -> None:
     with pytest.raises(subprocess.CalledProcessError) as err:
         render("operator.enabled=true", "operator.watchNamespaces={Not_A_Namespace}")
     assert "watchNamespaces" in err.value.stderr
+
+
+EXAMPLES = ROOT / "operators" / "examples"
+
+
+def test_example_values_render_what_the_operator_can_scale() -> None:
+    """operators/examples/values.yaml: valid objects, a scaler per autoscaled stage whose
+    config loads as the stage's settings and names the group its workers commit, and the
+    density sketch build Job that pass 2 waits for."""
+    import kubernetes_validate
+
+    from operators.crd import parse_spec
+    from operators.lag import lag_target
+    from services.runtime.registry import load_stage_settings
+    from tests.deploy.chart import render_docs
+    from tests.operators import schema
+
+    objs = render_docs(values_files=(EXAMPLES / "values.yaml",))
+    scalers = {}
+    for obj in objs:
+        if obj["kind"] == "SluiceScaler":
+            schema.validate(obj)
+            scalers[obj["metadata"]["name"]] = parse_spec(obj["spec"])
+        elif obj["apiVersion"] != "monitoring.coreos.com/v1":
+            kubernetes_validate.validate(obj, "1.33.0", strict=True)
+    groups = {n: lag_target(s.stage.kind, s.stage.config).group for n, s in scalers.items()}
+    assert groups == {
+        "sluice-scoring": "sluice-scoring",
+        "sluice-density": "sluice-density.sample.corpus.v1",
+    }
+    deployments = {o["metadata"]["name"] for o in objs if o["kind"] == "Deployment"}
+    assert {s.scale_target_ref.name for s in scalers.values()} <= deployments
+    jobs = {o["metadata"]["name"] for o in objs if o["kind"] == "Job"}
+    assert "sluice-density-build-v1" in jobs
+    for cm in (o for o in objs if o["kind"] == "ConfigMap" and "config.yaml" in o["data"]):
+        kind = cm["metadata"]["labels"]["app.kubernetes.io/component"]
+        for key in ("config.yaml", "build.yaml"):
+            if key in cm["data"]:
+                load_stage_settings(kind, yaml.safe_load(cm["data"][key]))
+
+
+def test_example_scaler_is_valid() -> None:
+    from operators.crd import parse_spec
+    from operators.lag import lag_target
+    from tests.operators import schema
+
+    obj = yaml.safe_load((EXAMPLES / "scaler.yaml").read_text())
+    schema.validate(obj)
+    spec = parse_spec(schema.with_defaults(schema.schema(), obj)["spec"])
+    assert lag_target(spec.stage.kind, spec.stage.config).group == "my-scoring"
+    assert spec.scaling.policy().max_replicas == 8
