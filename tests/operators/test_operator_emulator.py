@@ -13,7 +13,10 @@ scaling them on offsets from a real broker.
 - the operator only ever PATCHes ``deployments/<name>/scale``: no create, patch or delete of
   any Deployment, Service or other object the chart rendered;
 - a scaler whose broker is down keeps its target's replicas and reports
-  LagSourceAvailable=False; one whose target is missing waits (TargetNotFound).
+  LagSourceAvailable=False; one whose target is missing waits (TargetNotFound);
+- operators/examples/values.yaml's two-pass density starts: the chart's build Job commands
+  (pass 1, merge) then its Deployment's (pass 2) run as the pods would, against the broker
+  and an S3 server, while the operator scales the Deployment on the sample group's lag.
 
 Tansu's end offsets can be "start of the last batch + 1" instead of the true end (see
 /work/shared/INFRA.md). The producer here flushes after every message, so every batch holds
@@ -51,6 +54,7 @@ from tests.support.servers import free_port
 pytestmark = [pytest.mark.integration, needs_helm]
 
 NS = NAMESPACE  # the namespace the chart is rendered for
+ROOT = Path(__file__).resolve().parents[2]
 
 # Fast policy for tests: no warm-up, short cooldowns and idle time.
 FAST = {
@@ -425,3 +429,157 @@ def test_operator_process_reports_specs_it_cannot_act_on(kubeconfig: Path, tmp_p
             proc.kill()
             out, _ = proc.communicate()
     assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+
+
+TEXTS = [
+    "The river flooded the valley after a week of heavy rain.",
+    "Parliament passed the budget late on Thursday night.",
+    "A new species of frog was found in the rainforest.",
+    "The orchestra performed Beethoven's ninth symphony to a full hall.",
+    "Engineers tested the bridge with forty loaded trucks.",
+    "The chess champion resigned after a surprising queen sacrifice.",
+]
+
+
+def _pod_process(
+    container: dict[str, Any], configs: Path, stage_env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """The container as a local process: ``python -m services.<stage> <its args>``, its
+    /etc/sluice files from ``configs``, its literal env (HOME and the cache stay local)."""
+    args = [a.replace("/etc/sluice", str(configs)) for a in container["args"]]
+    env = {**os.environ, **stage_env}
+    for e in container["env"]:
+        if "value" in e and e["name"] not in ("HOME", "XDG_CACHE_HOME"):
+            env[e["name"]] = e["value"]
+    return subprocess.Popen(
+        [sys.executable, "-m", f"services.{env['SLUICE_SERVICE']}", *args],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_example_two_pass_density_starts_and_is_scaled_on_its_sample_group(
+    cluster: EmulatedCluster,
+    kubeconfig: Path,
+    kafka_bootstrap: str,
+    s3_server: Any,
+    tmp_path: Path,
+) -> None:
+    """operators/examples/values.yaml (density only, on this broker and S3 server), applied
+    to the emulator, with the chart's own commands run as the pods would run them: the build
+    Job's pass 1 then merge, then the Deployment's pass 2. The operator scales the density
+    Deployment on the lag of the group pass 2 really commits: up while the sketch is being
+    built (nothing sampled yet), down once pass 2 has drained the topic."""
+    from services.runtime.domain import Sample
+    from services.runtime.kafka_stage import ensure_topics, publish
+
+    run = uuid.uuid4().hex[:6]
+    t_in, t_out, group = f"dp-{run}-scored", f"dp-{run}-sampled", f"dp-{run}-density"
+    ensure_topics(kafka_bootstrap, [t_in, t_out, f"{t_in}.dlq"], partitions=2)
+    samples = [Sample(id=f"s{i}", text=f"{TEXTS[i % len(TEXTS)]} (note {i})") for i in range(240)]
+    producer = KafkaProducer(bootstrap_servers=[kafka_bootstrap], acks="all")
+    messages = publish(producer, t_in, samples, batch_size=20)
+    producer.close()
+
+    values = yaml.safe_load((ROOT / "operators" / "examples" / "values.yaml").read_text())
+    density = values["stages"]["density"]
+    density["topics"] = {"input": t_in, "output": t_out, "dlq": ""}
+    density["group"] = group
+    # Pass 1 stops after this long without input (the default 60 s suits a real drain).
+    density["config"]["build_idle_timeout_s"] = 8
+    density["config"]["store"] = {"create_bucket": True}
+    density["autoscaling"].update(FAST, targetLagPerReplica=2)
+    values["stages"]["scoring"]["enabled"] = False
+    values["kafka"]["bootstrapServers"] = kafka_bootstrap
+    values["s3"] = {
+        "endpoint": s3_server.address,
+        "secure": False,
+        "bucket": f"sketches-{run}",
+        "existingSecret": "",
+    }
+    values["topics"] = {"create": False}
+    rendered = render_chart(tmp_path, values)
+    by_key = {(d["kind"], d["metadata"]["name"]): d for d in rendered}
+    configs = tmp_path / "etc-sluice"
+    configs.mkdir()
+    for name, text in by_key[("ConfigMap", "sluice-density")]["data"].items():
+        (configs / name).write_text(text)
+    job_pod = by_key[("Job", "sluice-density-build-v1")]["spec"]["template"]["spec"]
+    (build,), (merge,) = job_pod["initContainers"], job_pod["containers"]
+    (sample,) = by_key[("Deployment", "sluice-density")]["spec"]["template"]["spec"]["containers"]
+    s3_env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+
+    k = Cluster(kubeconfig)
+    apply(k.k8s, rendered)
+    sample_group = f"{group}.sample.corpus.v1"
+    settings = _settings(kubeconfig, free_port())
+    app = OperatorApp.from_settings(settings)
+    procs: list[subprocess.Popen[bytes]] = []
+    with (
+        Kubelet(k.k8s, NS),
+        KopfRunner(
+            ["run", "--standalone", "-n", NS],
+            registry=build_registry(app),
+            settings=kopf_settings(settings),
+            timeout=30,
+        ) as runner,
+    ):
+        try:
+            # Nothing sampled yet: the whole topic is the sample group's lag.
+            status = wait_for(
+                lambda: (s := k.status("sluice-density")).get("observedLag") == messages and s,
+                "the sample group's lag",
+                timeout=30,
+            )
+            assert status["consumerGroup"] == sample_group
+            wait_for(lambda: k.replicas("sluice-density") == 2, "density up to 2 partitions")
+
+            # The build Job: pass 1, then the merge (an init container, then the container).
+            for name, container in (("build", build), ("merge", merge)):
+                log = tmp_path / f"{name}.log"
+                proc = _pod_process(container, configs, s3_env, log)
+                procs.append(proc)
+                assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+            assert "merged 1 parts of corpus v1" in (tmp_path / "merge.log").read_text()
+
+            # The Deployment's pod: pass 2 against the merged sketch.
+            log = tmp_path / "sample.log"
+            procs.append(_pod_process(sample, configs, s3_env, log))
+            wait_for(
+                lambda: k.status("sluice-density").get("observedLag") == 0,
+                "pass 2 drained its group",
+                timeout=120,
+            )
+            wait_for(lambda: k.replicas("sluice-density") == 1, "density back to its minimum")
+            assert procs[-1].poll() is None, log.read_text()[-3000:]  # pass 2 keeps running
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+
+    # The groups the chart's commands committed are the ones the registry names.
+    admin = KafkaAdminClient(bootstrap_servers=[kafka_bootstrap])
+    try:
+        tps = [TopicPartition(t_in, p) for p in range(2)]
+        for g in (f"{group}.build.corpus.v1", sample_group):
+            committed = admin.list_group_offsets({g: tps})[g]
+            assert sum(committed[tp].offset for tp in tps) == messages, g
+        # ... and nothing ever committed the configured group itself.
+        unused = admin.list_group_offsets({group: tps}).get(group, {})
+        assert all(o.offset < 0 for o in unused.values())
+    finally:
+        admin.close()
+    kept = KafkaConsumer(
+        t_out, bootstrap_servers=[kafka_bootstrap], auto_offset_reset="earliest", group_id=None
+    )
+    try:
+        assert sum(len(r) for r in kept.poll(timeout_ms=5000).values()) > 0
+    finally:
+        kept.close()
+    assert runner.exception is None
