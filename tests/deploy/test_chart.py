@@ -734,6 +734,14 @@ def test_two_pass_density_gets_its_sketch_build_job(
             ],
             "minReplicas must not exceed maxReplicas",
         ),
+        (
+            [
+                "stages.scoring.autoscaling.enabled=true",
+                "stages.scoring.env[0].name=SLUICE_SCORING_KAFKA__GROUP_ID",
+                "stages.scoring.env[0].value=elsewhere",
+            ],
+            "decides the consumer group",
+        ),
     ],
 )
 def test_stage_values_that_cannot_start_fail_the_render(values: list[str], message: str) -> None:

@@ -108,13 +108,26 @@ default mode): it then needs a build Job (density-build-job.yaml) for config.ske
 {{- end }}
 
 {{/*
-Fail early on stage values that render but cannot start: density's pass 1 as a Deployment,
-or two-pass sampling without an object store or a pinned sketch version (the build Job,
-the pass-2 group and the operator all need the version).
+Fail early on stage values that render but cannot start, or cannot be scaled right:
+density's pass 1 as a Deployment; two-pass sampling without an object store or a pinned
+sketch version (the build Job, the pass-2 group and the operator all need the version); an
+autoscaled stage whose env overrides a setting that decides its consumer group (the
+SluiceScaler carries the config, not the env).
 */}}
 {{- define "sluice.checkStage" -}}
+{{- $stage := .stage }}
+{{- if .spec.autoscaling.enabled }}
 {{- if gt (int .spec.autoscaling.minReplicas) (int .spec.autoscaling.maxReplicas) }}
-{{- fail (printf "stages.%s.autoscaling: minReplicas must not exceed maxReplicas" .stage) }}
+{{- fail (printf "stages.%s.autoscaling: minReplicas must not exceed maxReplicas" $stage) }}
+{{- end }}
+{{- /* The operator names the group from config only: env must not change it under it. */}}
+{{- $prefix := include "sluice.envPrefix" $stage }}
+{{- range .spec.env }}
+{{- $rest := trimPrefix $prefix .name }}
+{{- if and (ne $rest .name) (or (hasPrefix "KAFKA__" $rest) (and (eq $stage "density") (or (eq $rest "MODE") (hasPrefix "SKETCH__" $rest)))) }}
+{{- fail (printf "stages.%s.env: %s decides the consumer group the SluiceScaler reads; set it in stages.%s.config (or topics/group) instead" $stage .name $stage) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if eq .stage "density" }}
 {{- $config := default (dict) .spec.config }}
