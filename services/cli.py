@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from services.runtime.errors import SluiceError
-from services.runtime.registry import KINDS
+from services.runtime.registry import KINDS, STAGES
 
 
 def _load_run_settings(  # type: ignore[no-untyped-def]
@@ -98,11 +98,9 @@ def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import importlib
+    from services.runtime.app import main
 
-    argv = [args.mode] + (["--config", args.config] if args.config else [])
-    entry = importlib.import_module(f"services.{args.service}.__main__")
-    return int(entry.main(argv))
+    return main(args.service, [args.mode] + (["--config", args.config] if args.config else []))
 
 
 def cmd_density_merge(args: argparse.Namespace) -> int:
@@ -213,7 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run a service process")
     p.add_argument("service", choices=KINDS)
-    p.add_argument("mode", nargs="?", default="all", choices=["serve", "worker", "all"])
+    p.add_argument(
+        "mode",
+        nargs="?",
+        default="all",
+        help="serve, worker or all"
+        + "".join(f"; {s.name} also: {', '.join(s.commands)}" for s in STAGES if s.commands),
+    )
     p.add_argument("--config")
     p.set_defaults(fn=cmd_serve)
 

@@ -46,6 +46,7 @@ from services.density import sampler
 from services.density.settings import DensitySettings
 from services.density.sketch import RaceSketch, SketchParams
 from services.density.state import CalibrationSample, SketchState
+from services.runtime.backends.base import Lazy
 from services.runtime.backends.embeddings import Embedder, create_embedder, known_dim
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import (
@@ -54,6 +55,7 @@ from services.runtime.errors import (
     InvalidArgument,
     NotFound,
 )
+from services.runtime.stage import StageObserver
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +139,12 @@ class DensityCore:
         settings: DensitySettings,
         embedder: Embedder | Callable[[], Embedder] | None = None,
         loader: Loader | None = None,
+        metrics: StageObserver | None = None,
     ) -> None:
         self.settings = settings
-        self._embedder_src = embedder
-        self._embedder: Embedder | None = None
+        self.metrics = metrics
+        """Unused by density: every decision shows in its outcomes, which the adapters count."""
+        self._embedder = Lazy(embedder, "embed", lambda: create_embedder(settings.embedding))
         self.loader = loader
         self._lock = threading.RLock()
         self._sketches: dict[str, SketchState] = {}
@@ -164,17 +168,7 @@ class DensityCore:
 
     @property
     def embedder(self) -> Embedder:
-        with self._lock:
-            if self._embedder is None:
-                src = self._embedder_src
-                if src is None:
-                    self._embedder = create_embedder(self.settings.embedding)
-                elif callable(src) and not hasattr(src, "embed"):
-                    self._embedder = src()
-                else:
-                    self._embedder = src  # type: ignore[assignment]
-            assert self._embedder is not None
-            return self._embedder
+        return self._embedder.get()
 
     @property
     def dim(self) -> int:
@@ -190,7 +184,13 @@ class DensityCore:
         """The configured embedding model: what a sketch's points must be embedded with."""
         return self.settings.embedding.model
 
-    def model_version(self, state: SketchState | None = None) -> str:
+    @property
+    def model_version(self) -> str:
+        """What decides now: the embedding model and the stage's own sketch, when held."""
+        with self._lock:
+            return self.version_of(self._sketches.get(self.name))
+
+    def version_of(self, state: SketchState | None) -> str:
         """Lineage identifier: embedding model + sketch fingerprint (+ version)."""
         parts = [self.embedding_model]
         if state is not None:
@@ -476,7 +476,7 @@ class DensityCore:
         self, state: SketchState, samples: Sequence[Sample], vecs: Vectors, decisions: Decisions
     ) -> list[Outcome]:
         """Annotate and record lineage; ``decisions`` rows follow the usable samples."""
-        version = self.model_version(state)
+        version = self.version_of(state)
         weights = decisions.weights
         outcomes: list[Outcome] = []
         row = 0

@@ -178,9 +178,6 @@ class DensitySettings(ServiceSettings):
         "join time (about session_timeout_ms / 2 on some brokers).",
     )
     max_request_samples: int = Field(4096, ge=1, description="Most samples per gRPC request.")
-    dropped_topic: str = Field(
-        "", description="If set, dropped samples (with their lineage) are written here for audit."
-    )
 
     @model_validator(mode="after")
     def _build_needs_version(self) -> DensitySettings:

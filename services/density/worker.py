@@ -69,9 +69,10 @@ class StoreLoader:
 
 def build_core(settings: DensitySettings, metrics: StageMetrics | None = None) -> DensityCore:
     """The registry's core factory: the core, wired to the object store when one is
-    configured. Metrics are recorded by the adapters (the core reports no generation)."""
+    configured."""
     store = SketchStore(settings.store) if settings.store.enabled else None
-    return DensityCore(settings, loader=StoreLoader(store) if store is not None else None)
+    loader = StoreLoader(store) if store is not None else None
+    return DensityCore(settings, loader=loader, metrics=metrics)
 
 
 def store_of(core: DensityCore) -> SketchStore | None:

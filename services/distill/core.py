@@ -11,20 +11,23 @@ Pure logic: the gRPC servicer, the Kafka stage and local runs all call ``distill
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pydantic import ValidationError
-
 from services.distill import codec
 from services.distill.codec import ObjectStore, TopK
 from services.distill.settings import DistillSettings
-from services.runtime.backends.base import Generation, GenerationParams, LMBackend
+from services.runtime.backends.base import (
+    Generation,
+    GenerationParams,
+    Lazy,
+    LMBackend,
+    merge_generation,
+)
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import InvalidArgument, SluiceError
-from services.runtime.metrics import StageMetrics
+from services.runtime.stage import StageObserver
 
 STAGE = "distill"
 REASON_CHANGED = "teacher_response"
@@ -45,32 +48,22 @@ class DistillCore:
         settings: DistillSettings,
         backend: BackendSource = None,
         store: ObjectStore | None = None,
-        metrics: StageMetrics | None = None,
+        metrics: StageObserver | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
-        """Generation metrics go here when set (the process's StageMetrics)."""
-        self._source = backend
-        self._backend: LMBackend | None = None
-        self._lock = threading.Lock()
+        """Generation tokens/latency go here (bound once, every mode)."""
+        self._backend = Lazy(backend, "generate", self._default_backend)
 
     @property
     def backend(self) -> LMBackend:
-        with self._lock:
-            if self._backend is None:
-                self._backend = self._load()
-            return self._backend
+        return self._backend.get()
 
-    def _load(self) -> LMBackend:
-        src = self._source
-        if src is None:
-            from services.runtime.backends.factory import create_backend
+    def _default_backend(self) -> LMBackend:
+        from services.runtime.backends.factory import create_generation_backend
 
-            return create_backend(self.settings.model)
-        if callable(src) and not hasattr(src, "generate"):
-            return src()
-        return src  # type: ignore[return-value]
+        return create_generation_backend(self.settings.model, self.settings.max_new_tokens_limit)
 
     @property
     def model_version(self) -> str:
@@ -91,17 +84,10 @@ class DistillCore:
         return self.distill(samples)
 
     def params(self, overrides: Mapping[str, Any] | None = None) -> GenerationParams:
-        """The configured generation settings with a request's overrides, validated."""
-        merged = {**self.settings.generation.model_dump(), **(overrides or {})}
-        try:
-            params = GenerationParams.model_validate(merged)
-        except ValidationError as exc:
-            raise InvalidArgument(f"invalid generation options: {_errors(exc)}") from None
-        if params.max_new_tokens > self.settings.max_new_tokens_limit:
-            raise InvalidArgument(
-                f"max_new_tokens {params.max_new_tokens} exceeds this server's limit "
-                f"{self.settings.max_new_tokens_limit}"
-            )
+        """The configured generation settings with a request's overrides, validated; a
+        request may ask for up to ``max_new_tokens_limit`` (the engine reserves that)."""
+        s = self.settings
+        params = merge_generation(s.generation, overrides, cap=s.max_new_tokens_limit)
         if params.top_logprobs < 1:
             raise InvalidArgument("top_k must be >= 1: distillation stores the top-k logprobs")
         return params
@@ -178,7 +164,3 @@ def _prompt_of(sample: Sample) -> str:
             f"sample {sample.id!r} has no prompt: set 'prompt' (or 'text', used as the prompt)"
         )
     return prompt
-
-
-def _errors(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())

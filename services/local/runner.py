@@ -33,9 +33,9 @@ from services.local.report import RunReport, StepReport, summarize_scores, write
 from services.rewrite.settings import RewriteSettings
 from services.runtime.domain import Outcome, Sample, step_counts
 from services.runtime.errors import InvalidArgument
-from services.runtime.kafka_stage import BatchProcessor
 from services.runtime.registry import KINDS
 from services.runtime.settings import StrictModel
+from services.runtime.stage import StageCore
 from services.scoring.core import ScoringCore
 from services.scoring.settings import ScoringSettings
 from services.synth.settings import SynthSettings
@@ -341,7 +341,7 @@ def run_density(
     return outcomes
 
 
-def _generation_core(name: str, settings: RunSettings) -> BatchProcessor:
+def _generation_core(name: str, settings: RunSettings) -> StageCore:
     if name == "rewrite":
         from services.rewrite.core import RewriteCore
 
@@ -360,7 +360,7 @@ class _ChainStage:
     """A generation stage in the local chain, with what it did (for the report)."""
 
     name: str
-    core: BatchProcessor
+    core: StageCore
     outcomes: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
     samples_in: int = 0

@@ -16,11 +16,10 @@ Pure logic on domain objects; the gRPC servicer, the Kafka stage and local runs 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from services.rewrite.drift import DriftCheck, DriftGuard
 from services.rewrite.prompts import (
@@ -34,24 +33,17 @@ from services.rewrite.settings import TOXICITY_POLICIES, RewriteSettings, Toxici
 from services.rewrite.toxicity import Lexicon, Source, ToxicityChecker, ToxicityJudge, Verdict
 from services.runtime.backends.base import (
     GenerationParams,
+    Lazy,
     LMBackend,
-    build_lazily,
     merge_generation,
 )
 from services.runtime.backends.embeddings import Embedder
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import InvalidArgument
+from services.runtime.stage import StageObserver
 
 STAGE = "rewrite"
 TargetField = Literal["text", "response"]
-
-
-class StageObserver(Protocol):
-    """Where the core reports generation work (services.runtime.metrics.StageMetrics)."""
-
-    def observe_generation(self, tokens: int, seconds: float) -> None: ...
-
-    def observe_step(self, step: str, n_in: int, n_kept: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +95,10 @@ class RewriteCore:
         metrics: StageObserver | None = None,
     ) -> None:
         self.settings = settings
-        self._backend_src = backend
-        self._embedder_src = embedder
-        self._backend: LMBackend | None = None
-        self._embedder: Embedder | None = None
-        self._lock = threading.Lock()
-        self._metrics = metrics
+        self._backend = Lazy(backend, "generate", self._default_backend)
+        self._embedder = Lazy(embedder, "embed", self._default_embedder)
+        self.metrics = metrics
+        """Generation tokens/latency and per-step counts go here (bound once, every mode)."""
         tox = settings.toxicity
         self.lexicon = Lexicon.from_sources(tox.terms, tox.terms_file)
         self.guard = DriftGuard(settings.drift, self._get_embedder)
@@ -117,15 +107,11 @@ class RewriteCore:
 
     # -- configuration ---------------------------------------------------------------------
 
-    def bind_metrics(self, metrics: StageObserver) -> None:
-        """Report generation tokens/latency and per-step counts to ``metrics`` from now on."""
-        self._metrics = metrics
-
     @property
     def steps(self) -> Sequence[str]:
         """None derived from drop reasons: the core reports its own per-step counts
         (toxicity: screened/non-toxic; rewrite: attempted/accepted) through
-        ``bind_metrics``, since most of its decisions keep the sample."""
+        ``metrics``, since most of its decisions keep the sample."""
         return ()
 
     @property
@@ -134,10 +120,7 @@ class RewriteCore:
 
     @property
     def backend(self) -> LMBackend:
-        with self._lock:
-            if self._backend is None:
-                self._backend = build_lazily(self._backend_src, "generate", self._default_backend)
-            return self._backend
+        return self._backend.get()
 
     @property
     def model_version(self) -> str:
@@ -151,10 +134,7 @@ class RewriteCore:
         )
 
     def _get_embedder(self) -> Embedder:
-        with self._lock:
-            if self._embedder is None:
-                self._embedder = build_lazily(self._embedder_src, "embed", self._default_embedder)
-            return self._embedder
+        return self._embedder.get()
 
     def _default_embedder(self) -> Embedder:
         from services.runtime.backends.embeddings import create_embedder
@@ -285,9 +265,9 @@ class RewriteCore:
         prompts = [be.render_chat(build_rewrite_prompt(j.instruction, j.original)) for j in jobs]
         t0 = time.perf_counter()
         out = be.generate(prompts, params)
-        if self._metrics is not None:
+        if self.metrics is not None:
             tokens = sum(len(g.token_ids) for g in out)
-            self._metrics.observe_generation(tokens, time.perf_counter() - t0)
+            self.metrics.observe_generation(tokens, time.perf_counter() - t0)
         return [clean_rewrite(g.text) for g in out], [g.finish_reason == "length" for g in out]
 
     def _recheck(
@@ -333,7 +313,7 @@ class RewriteCore:
     def _finish(
         self, samples: Sequence[Sample], decisions: Sequence[_Decision | None]
     ) -> list[Outcome]:
-        version = self._backend.model_version if self._backend is not None else "lexical"
+        version = self._backend.get().model_version if self._backend.loaded else "lexical"
         outcomes = []
         for s, d in zip(samples, decisions, strict=True):
             d = d or _Decision(Action.KEPT)
@@ -352,8 +332,8 @@ class RewriteCore:
         return outcomes
 
     def _step(self, step: str, n_in: int, n_kept: int) -> None:
-        if self._metrics is not None and n_in:
-            self._metrics.observe_step(step, n_in, n_kept)
+        if self.metrics is not None and n_in:
+            self.metrics.observe_step(step, n_in, n_kept)
 
 
 def _record(sample: Sample, check: DriftCheck) -> None:

@@ -162,6 +162,3 @@ class RewriteSettings(ServiceSettings):
         True, description="Keep the replaced text in metadata['original_text']."
     )
     max_request_samples: int = Field(1024, ge=1, description="Most samples per gRPC request.")
-    dropped_topic: str = Field(
-        "", description="If set, dropped samples (with their lineage) are written here for audit."
-    )

@@ -67,8 +67,8 @@ class StageSpec:
     """One stage kind. Import strings name ``module:attribute``.
 
     settings   the pydantic-settings class (env prefix ``SLUICE_<KIND>_``)
-    core       ``(settings, metrics) -> StageCore``: the core wired to what it needs (a
-               store, a loader); metrics are bound at construction, in every mode
+    core       ``(settings, *, metrics) -> StageCore``: the core (class or factory) wired to
+               what it needs (a store); metrics are bound at construction, in every mode
     register   ``(core, metrics) -> register(server) -> [service names]``: the gRPC servicer
     worker     ``(core, settings, metrics) -> Worker`` when the stage runs more than the
                plain StageWorker (density's passes); '' = the runtime's StageWorker
@@ -106,8 +106,14 @@ class StageSpec:
     def build_core(
         self, settings: ServiceSettings, metrics: StageMetrics | None = None
     ) -> StageCore:
-        core: StageCore = _resolve(self.core)(settings, metrics)
+        core: StageCore = _resolve(self.core)(settings, metrics=metrics)
         return core
+
+    def make_worker(
+        self, core: StageCore, settings: ServiceSettings, metrics: StageMetrics
+    ) -> Worker:
+        worker: Worker = _resolve(self.worker)(core, settings, metrics)
+        return worker
 
     def make_register(self, core: StageCore, metrics: StageMetrics) -> Register:
         register: Register = _resolve(self.register)(core, metrics)

@@ -22,6 +22,16 @@ from typing import Protocol
 from services.runtime.domain import Outcome, Sample
 
 
+class StageObserver(Protocol):
+    """Where a core reports work its outcomes do not show (services.runtime.metrics.
+    StageMetrics): generation tokens and latency, per-step counts of a stage whose
+    decisions mostly keep the sample. Bound at construction (``metrics=``), once."""
+
+    def observe_generation(self, tokens: int, seconds: float) -> None: ...
+
+    def observe_step(self, step: str, n_in: int, n_kept: int) -> None: ...
+
+
 class StageCore(Protocol):
     """A service core as every adapter sees it."""
 

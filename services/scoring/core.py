@@ -5,13 +5,13 @@ and the local runner all call ``ScoringCore.score``.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 
-from services.runtime.backends.base import LMBackend
+from services.runtime.backends.base import Lazy, LMBackend
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import InvalidArgument
+from services.runtime.stage import StageObserver
 from services.scoring.heuristics import HeuristicFilter
 from services.scoring.prompts import (
     answer_token_ids,
@@ -34,13 +34,16 @@ class ScoringCore:
     """
 
     def __init__(
-        self, settings: ScoringSettings, backend: LMBackend | Callable[[], LMBackend] | None = None
+        self,
+        settings: ScoringSettings,
+        backend: LMBackend | Callable[[], LMBackend] | None = None,
+        metrics: StageObserver | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
+        """Unused by scoring: every decision shows in its outcomes, which the adapters count."""
         self.heuristics = HeuristicFilter(settings.heuristics)
-        self._backend_or_factory = backend
-        self._backend: LMBackend | None = None
-        self._lock = threading.Lock()
+        self._backend = Lazy(backend, "next_token_logprobs", self._default_backend)
         self._answer_ids: tuple[list[int], list[int]] | None = None
         self._filters: dict[str, TopFractionFilter] = {}
         # Cumulative seconds per step, for run reports (not for decisions).
@@ -66,20 +69,12 @@ class ScoringCore:
 
     @property
     def backend(self) -> LMBackend:
-        with self._lock:
-            if self._backend is None:
-                src = self._backend_or_factory
-                if src is None:
-                    from services.runtime.backends.factory import create_backend
+        return self._backend.get()
 
-                    self._backend = create_backend(self.settings.model)
-                elif callable(src) and not hasattr(src, "next_token_logprobs"):
-                    self._backend = src()
-                else:
-                    self._backend = src  # type: ignore[assignment]
-            backend = self._backend
-            assert backend is not None
-            return backend
+    def _default_backend(self) -> LMBackend:
+        from services.runtime.backends.factory import create_backend
+
+        return create_backend(self.settings.model)
 
     @property
     def model_version(self) -> str:

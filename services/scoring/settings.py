@@ -74,9 +74,6 @@ class ScoringSettings(ServiceSettings):
     heuristics: HeuristicSettings = Field(default_factory=HeuristicSettings)
     ask_llm: AskLLMSettings = Field(default_factory=AskLLMSettings)
     perplexity: PerplexitySettings = Field(default_factory=PerplexitySettings)
-    dropped_topic: str = Field(
-        "", description="If set, dropped samples (with their lineage) are written here for audit."
-    )
 
     @model_validator(mode="after")
     def _steps_known_and_unique(self) -> ScoringSettings:

@@ -1,46 +1,9 @@
-"""``python -m services.synth [serve|worker|all] [--config FILE]``: the synthesis
-service process (what the container runs)."""
+"""``python -m services.synth [MODE] [--config FILE]``: the synth stage process (what the
+container runs); everything but the kind comes from the stage registry."""
 
-from __future__ import annotations
-
-import argparse
 import sys
-from collections.abc import Callable
 
-import grpc
-
-from services.runtime.app import run_service
-from services.runtime.metrics import StageMetrics
-from services.runtime.settings import load_settings
-from services.synth.core import STAGE, SynthCore
-from services.synth.grpc_service import register
-from services.synth.settings import SynthSettings
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m services.synth", description=__doc__)
-    ap.add_argument("mode", nargs="?", default="all", choices=["serve", "worker", "all"])
-    ap.add_argument("--config", help="YAML settings file (env SLUICE_SYNTH_* overrides it)")
-    args = ap.parse_args(argv)
-    settings = load_settings(SynthSettings, args.config)
-    core = SynthCore(settings)
-    # The core records generation and per-step counts itself, in every mode (worker too).
-    metrics = StageMetrics(STAGE)
-    core.bind_metrics(metrics)
-
-    def make_register(m: StageMetrics) -> Callable[[grpc.Server], list[str]]:
-        return register(core, m)
-
-    return run_service(
-        STAGE,
-        settings,
-        core,
-        make_register,
-        args.mode,
-        dropped_topic=settings.dropped_topic,
-        metrics=metrics,
-    )
-
+from services.runtime.app import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main("synth"))

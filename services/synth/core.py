@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from services.runtime.backends.base import (
     Generation,
     GenerationParams,
+    Lazy,
     LMBackend,
-    build_lazily,
     merge_generation,
 )
 from services.runtime.backends.embeddings import Embedder
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import InvalidArgument
+from services.runtime.stage import StageObserver
 from services.synth.evol import (
     EVOL_STOP,
     build_evol_message,
@@ -66,14 +66,6 @@ from services.synth.self_instruct import (
 from services.synth.settings import METHODS, Method, SynthSettings
 
 STAGE = "synth"
-
-
-class StageObserver(Protocol):
-    """Where the core reports generation work (services.runtime.metrics.StageMetrics)."""
-
-    def observe_generation(self, tokens: int, seconds: float) -> None: ...
-
-    def observe_step(self, step: str, n_in: int, n_kept: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,26 +131,20 @@ class SynthCore:
         metrics: StageObserver | None = None,
     ) -> None:
         self.settings = settings
-        self._backend_src = backend
-        self._embedder_src = embedder
-        self._backend: LMBackend | None = None
-        self._embedder: Embedder | None = None
-        self._lock = threading.Lock()
-        self._metrics = metrics
+        self._backend = Lazy(backend, "generate", self._default_backend)
+        self._embedder = Lazy(embedder, "embed", self._default_embedder)
+        self.metrics = metrics
+        """Generation tokens/latency and per-step counts go here (bound once, every mode)."""
         self.pool = InstructionPool(settings.seed_instructions, settings.pool_size)
         self.memory = NearDupMemory(settings.near_dup.capacity, settings.near_dup.threshold)
         self.default_options = self.options()
 
     # -- configuration ---------------------------------------------------------------------
 
-    def bind_metrics(self, metrics: StageObserver) -> None:
-        """Report generation tokens/latency and per-method counts to ``metrics``."""
-        self._metrics = metrics
-
     @property
     def steps(self) -> Sequence[str]:
         """None derived from drop reasons: the core reports its own per-method counts
-        (generated/kept) through ``bind_metrics``; its outcomes mix seeds and new samples."""
+        (generated/kept) through ``metrics``; its outcomes mix seeds and new samples."""
         return ()
 
     @property
@@ -168,10 +154,7 @@ class SynthCore:
 
     @property
     def backend(self) -> LMBackend:
-        with self._lock:
-            if self._backend is None:
-                self._backend = build_lazily(self._backend_src, "generate", self._default_backend)
-            return self._backend
+        return self._backend.get()
 
     @property
     def model_version(self) -> str:
@@ -186,10 +169,7 @@ class SynthCore:
 
     @property
     def embedder(self) -> Embedder:
-        with self._lock:
-            if self._embedder is None:
-                self._embedder = build_lazily(self._embedder_src, "embed", self._default_embedder)
-            return self._embedder
+        return self._embedder.get()
 
     def _default_embedder(self) -> Embedder:
         from services.runtime.backends.embeddings import create_embedder
@@ -248,8 +228,8 @@ class SynthCore:
         self.pool.add(d.prompt for d in drafts if d.alive and d.method != "grounded_qa")
         for method in options.methods:
             mine = [d for d in drafts if d.method == method]
-            if mine and self._metrics is not None:
-                self._metrics.observe_step(method, len(mine), sum(d.alive for d in mine))
+            if mine and self.metrics is not None:
+                self.metrics.observe_step(method, len(mine), sum(d.alive for d in mine))
         version = self.model_version
         return [self._outcome(d, version, options.params.seed) for d in drafts]
 
@@ -358,9 +338,9 @@ class SynthCore:
         for idx in groups.values():
             t0 = time.perf_counter()
             gens = self.backend.generate([prompts[i] for i in idx], params[idx[0]])
-            if self._metrics is not None:
+            if self.metrics is not None:
                 tokens = sum(len(g.token_ids) for g in gens)
-                self._metrics.observe_generation(tokens, time.perf_counter() - t0)
+                self.metrics.observe_generation(tokens, time.perf_counter() - t0)
             for i, g in zip(idx, gens, strict=True):
                 out[i] = g
         return [g for g in out if g is not None]

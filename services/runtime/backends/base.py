@@ -12,9 +12,10 @@ internally (length bucketing, token budget; continuous batching on vLLM).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 from pydantic import Field, ValidationError, field_validator
@@ -183,19 +184,22 @@ class LMBackend(Protocol):
 
 
 def merge_generation(
-    base: GenerationParams, overrides: Mapping[str, Any] | None
+    base: GenerationParams, overrides: Mapping[str, Any] | None, cap: int | None = None
 ) -> GenerationParams:
-    """``base`` with a request's fields replaced, validated again; ``base.max_new_tokens``
-    is the cap (a vLLM engine reserved that much per sequence)."""
+    """``base`` with a request's fields replaced, validated again as ``base``'s own class (a
+    stage's subclass keeps its constraints). ``max_new_tokens`` may not exceed ``cap``:
+    by default ``base.max_new_tokens`` (a vLLM engine reserved that much per sequence); a
+    stage whose engine reserves more (distill's ``max_new_tokens_limit``) passes it."""
     if not overrides:
         return base
     try:
-        merged = GenerationParams.model_validate({**base.model_dump(), **overrides})
+        merged = type(base).model_validate({**base.model_dump(), **overrides})
     except ValidationError as exc:
         raise InvalidArgument(f"invalid generation limits: {exc}") from exc
-    if merged.max_new_tokens > base.max_new_tokens:
+    limit = base.max_new_tokens if cap is None else cap
+    if merged.max_new_tokens > limit:
         raise InvalidArgument(
-            f"max_new_tokens {merged.max_new_tokens} exceeds the server's cap {base.max_new_tokens}"
+            f"max_new_tokens {merged.max_new_tokens} exceeds the server's cap {limit}"
         )
     return merged
 
@@ -208,3 +212,31 @@ def build_lazily(src: Any, method: str, default: Callable[[], Any]) -> Any:
     if callable(src) and not hasattr(src, method):
         return src()
     return src
+
+
+T = TypeVar("T")
+
+
+class Lazy(Generic[T]):
+    """A model or embedder a core builds on first use, once, under a lock: a configuration
+    that never needs it (heuristics only, precomputed embeddings) never loads it, and
+    concurrent gRPC handlers share one. ``src`` is what the caller passed (``build_lazily``):
+    an instance with ``method``, a factory, or None for ``default`` (the settings' model)."""
+
+    def __init__(self, src: Any, method: str, default: Callable[[], T]) -> None:
+        self._src = src
+        self._method = method
+        self._default = default
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = build_lazily(self._src, self._method, self._default)
+            return self._value
+
+    @property
+    def loaded(self) -> bool:
+        """Built already (without building it)."""
+        return self._value is not None
