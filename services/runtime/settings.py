@@ -54,13 +54,7 @@ class KafkaSettings(StrictModel):
         description="Largest message value accepted or produced; larger inputs "
         "are dead-lettered, larger outputs are split.",
     )
-    session_timeout_ms: int = Field(
-        10000,
-        ge=1000,
-        description="Consumer group session timeout: how long a worker that died without "
-        "leaving (kill -9, node loss) holds its partitions. With a stable instance_id a "
-        "restarted worker takes them back at once instead.",
-    )
+    session_timeout_ms: int = Field(30000, description="Consumer group session timeout.")
     max_poll_interval_ms: int = Field(
         600000,
         description="Max time between polls before the group evicts the worker; must "
@@ -74,34 +68,6 @@ class KafkaSettings(StrictModel):
         description="Where a new group starts; 'earliest' so nothing published "
         "before the worker started is skipped.",
     )
-
-    processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
-        "exactly_once",
-        description="exactly_once: each poll's outputs and input offsets commit in one "
-        "producer transaction (needs a broker with transactions: Apache Kafka >= 2.5); "
-        "at_least_once: outputs acknowledged before offsets commit, redelivery possible.",
-    )
-    instance_id: str = Field(
-        "",
-        description="Stable identity of this worker across restarts (the pod name): the "
-        "static group member id (group.instance.id) and the transactional id suffix, so a "
-        "restarted worker fences its old self and takes its partitions back without waiting "
-        "for the session timeout. '' = a random id per process (no static membership).",
-    )
-    transactional_id_prefix: str = Field(
-        "", description="Prefix of the producer's transactional id; '' = the group id."
-    )
-    transaction_timeout_ms: int = Field(
-        120000,
-        ge=1000,
-        description="How long the broker lets a transaction stay open before aborting it; "
-        "must exceed the time to process one poll (max_poll_records batches). A worker that "
-        "died without a stable instance_id holds back read_committed readers this long.",
-    )
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """Connection settings every kafka-python client of this stage shares."""
-        return {"bootstrap_servers": self.bootstrap_servers.split(",")}
 
     @property
     def dead_letter_topic(self) -> str:
