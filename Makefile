@@ -5,11 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: install demo test unit integration lint protos bench clean
+.PHONY: install demo test unit integration lint protos bench clean kafka
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt scripts/install_helm.py scripts/install_prometheus.sh
+$(STAMP): pyproject.toml constraints.txt scripts/install_helm.py scripts/install_prometheus.sh \
+		tests/support/kafka/pom.xml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
@@ -20,6 +21,9 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_helm.py scripts/install
 	$(PY) scripts/install_helm.py
 	# Prometheus + promtool (Debian's build, pinned) for the dashboard and alert-rule tests.
 	scripts/install_prometheus.sh $(VENV)/bin
+	# The real Apache Kafka broker (KRaft) for the integration tests and `make kafka`: its jars
+	# from Maven Central into $(VENV)/kafka-<version>/libs, once; tests download nothing.
+	$(PY) -m tests.support.kafka_broker install
 	touch $(STAMP)
 
 demo: install
@@ -37,6 +41,12 @@ integration: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# A local Apache Kafka broker on 127.0.0.1:9092 for `sluice publish` / `sluice serve`
+# (BROKERS=3 for a three-node cluster). Ctrl-C stops it and removes its data.
+BROKERS ?= 1
+kafka: install
+	$(PY) -m tests.support.kafka_broker run --brokers $(BROKERS)
 
 protos: install
 	$(PY) scripts/protogen.py

