@@ -1,7 +1,9 @@
 """The ``sluice`` command: local runs, the demo, service processes, publishing.
 
 sluice demo [--out DIR]                 build the demo corpus and curate it
-sluice run INPUT --out DIR [--config]   curate a JSONL/Parquet file in process
+sluice run INPUT --out DIR [--pipeline FILE | --stages a,b]
+                                        curate a JSONL/Parquet file in process
+sluice pipeline render-values FILE      the chart's stages values for a pipeline file
 sluice serve SERVICE [serve|worker|all] run a service (gRPC and/or Kafka worker);
                                         SERVICE: a registered stage kind
 sluice density merge --name N --version V   merge pass-1 sketch parts in the store
@@ -16,6 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 # Models load from installed packages or local paths unless a hub is explicitly allowed.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,31 +29,67 @@ from services.runtime.registry import KINDS, STAGES
 
 
 def _load_run_settings(  # type: ignore[no-untyped-def]
-    config: str | None, steps: str | None, stages: str | None = None
+    pipeline: str | None, steps: str | None, stages: str | None = None
 ):
-    import yaml
+    """The run's pipeline: the file (``--pipeline``/``--config``), its stage list replaced
+    by ``--stages`` (a stage the file configures keeps its config), scoring's steps by
+    ``--steps``."""
+    from pydantic import ValidationError
 
     from services.local.runner import RunSettings
 
-    data: dict[str, object] = {}
-    if config:
-        p = Path(config)
-        if not p.is_file():
-            raise SluiceError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-    settings = RunSettings.model_validate(data)
-    if steps:
-        settings.scoring.steps = [s.strip() for s in steps.split(",") if s.strip()]  # type: ignore[misc]
-        settings = RunSettings.model_validate(settings.model_dump())
+    data = _read_yaml(pipeline) if pipeline else {}
     if stages:
-        settings.stages = [s.strip() for s in stages.split(",") if s.strip()]
+        kinds = [s.strip() for s in stages.split(",") if s.strip()]
+        configured = {
+            s["kind"]: s for s in data.get("stages") or [] if isinstance(s, dict) and "kind" in s
+        }
+        data["stages"] = [configured.get(k, k) for k in kinds]
+    try:
+        settings = RunSettings.model_validate(data)
+    except ValidationError as exc:
+        raise SluiceError(f"invalid pipeline: {exc}") from exc
+    if steps:
+        scoring = next((s for s in settings.stages if s.kind == "scoring"), None)
+        if scoring is None:
+            raise SluiceError("--steps sets the scoring stage's steps; the pipeline has none")
+        scoring.config["steps"] = [s.strip() for s in steps.split(",") if s.strip()]
+        scoring.settings()  # validate now, not when the run starts
     return settings
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SluiceError(f"file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise SluiceError(f"{p} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def cmd_pipeline_render_values(args: argparse.Namespace) -> int:
+    """The chart values of a pipeline file (``helm install -f`` them)."""
+    import yaml
+
+    from services.runtime.pipeline import Pipeline
+
+    settings = _load_run_settings(args.pipeline, None)
+    values = Pipeline.model_validate({"stages": settings.model_dump()["stages"]}).to_chart_values()
+    text = yaml.safe_dump(values, sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from services.local.runner import run_local
 
-    settings = _load_run_settings(args.config, args.steps, args.stages)
+    settings = _load_run_settings(args.pipeline, args.steps, args.stages)
     report = run_local(Path(args.input), Path(args.out), settings, progress=not args.no_progress)
     _print_summary(report)
     return 0
@@ -65,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     corpus = out / "input.jsonl"
     n = write_jsonl(build_demo_corpus(seed=args.seed), corpus)
     print(f"demo corpus: {n} documents (real news text from gensim + generated junk) -> {corpus}")
-    settings = _load_run_settings(args.config, args.steps, args.stages)
+    settings = _load_run_settings(args.pipeline, args.steps, args.stages)
     report = run_local(corpus, out, settings, progress=not args.no_progress)
     _print_summary(report)
     return 0
@@ -188,12 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common_run(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML run settings (stages, scoring: {...})")
+        p.add_argument(
+            "--pipeline",
+            "--config",
+            dest="pipeline",
+            help="pipeline YAML: stages (in order, with topics and config), batch_size ...",
+        )
         p.add_argument(
             "--steps", help="scoring steps, comma-separated (default heuristics,perplexity,ask_llm)"
         )
         p.add_argument(
-            "--stages", help="stages, comma-separated (default scoring; e.g. scoring,density)"
+            "--stages",
+            help=f"stages in order, comma-separated (default scoring); kinds: {', '.join(KINDS)}",
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -220,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("pipeline", help="pipeline file operations")
+    psub = p.add_subparsers(dest="action", required=True)
+    r = psub.add_parser("render-values", help="the chart's stages values for a pipeline file")
+    r.add_argument("pipeline", help="pipeline YAML (as for sluice run --pipeline)")
+    r.add_argument("--out", help="write the values here instead of stdout")
+    r.set_defaults(fn=cmd_pipeline_render_values)
 
     p = sub.add_parser("density", help="density sketch operations")
     dsub = p.add_subparsers(dest="action", required=True)

@@ -496,6 +496,20 @@ class DensityCore:
         return outcomes
 
 
+def run_bounded(core: DensityCore, batches: list[list[Sample]]) -> list[list[Outcome]]:
+    """The registry's bounded runner (a local run, where the stage sees its whole input):
+    one online pass when so configured, else both passes in process, sketch everything
+    then subsample it, embedding each sample once. No store: pass 1's sketch is the
+    merged one."""
+    if core.settings.mode == "online":
+        return [core.online_batch(b, core.vectors(b)) for b in batches]
+    vectors = []
+    for b in batches:  # pass 1
+        vectors.append(core.vectors(b))
+        core.build_batch(b, vectors[-1])
+    return [core.sample_batch(b, v) for b, v in zip(batches, vectors, strict=True)]
+
+
 def _unusable_rows(matrix: np.ndarray) -> list[str]:
     """Why each precomputed embedding row cannot be hashed ('' = usable)."""
     finite = np.isfinite(matrix).all(axis=1)

@@ -1,14 +1,16 @@
-"""The local embedded run: ``sluice run INPUT --out DIR``.
+"""The local embedded run: ``sluice run INPUT --out DIR [--pipeline FILE | --stages a,b]``.
 
-Reads JSONL or Parquet, pushes batches through the configured stages in
-process (an in-process bus: each stage's kept output is the next stage's
-input, exactly as on Kafka), and writes kept.jsonl, scores.jsonl and the
-report. Bad input records are not fatal and not lost: each is listed in
-scores.jsonl with an ``input:<why>`` reason.
+Reads JSONL or Parquet and runs a pipeline (services.runtime.pipeline) in process, on an
+in-process bus with the same topics as on Kafka: the corpus goes to the pipeline's source
+topic, each stage reads its input topic and writes its kept samples to its output topic,
+and what reaches a topic no stage reads (a sink) is the run's output. So stages run only
+as the pipeline lists them (``stages: [density]`` runs density alone) and chain exactly as
+their topics do. Writes kept.jsonl, scores.jsonl and the report. Bad input records are not
+fatal and not lost: each is listed in scores.jsonl with an ``input:<why>`` reason.
 
-The density stage needs the whole of its input before it can decide (two passes: sketch
-everything scoring kept, then subsample it by inverse density), so scoring's kept samples
-wait in memory, with their embeddings computed once, until scoring has finished.
+A stage sees the whole of its input topic at once (the input is bounded), so a stage that
+must see everything before deciding (density's two passes) does so through its registered
+``bounded`` runner; the others process it batch by batch. Topics are held in memory.
 """
 
 from __future__ import annotations
@@ -18,56 +20,50 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from services.density.core import DensityCore
-from services.density.settings import DensitySettings
-from services.distill.settings import DistillSettings
 from services.local.report import RunReport, StepReport, summarize_scores, write_report
-from services.rewrite.settings import RewriteSettings
 from services.runtime.domain import Outcome, Sample, step_counts
 from services.runtime.errors import InvalidArgument
-from services.runtime.registry import KINDS
-from services.runtime.settings import StrictModel
+from services.runtime.pipeline import Pipeline, PipelineStage
+from services.runtime.registry import KINDS, stage
 from services.runtime.stage import StageCore
-from services.scoring.core import ScoringCore
-from services.scoring.settings import ScoringSettings
-from services.synth.settings import SynthSettings
 
 STAGES = KINDS
-# Stages that change or create samples: each batch that survived the stages before goes
-# through them in order, as on the Kafka topic chain.
-GENERATION_STAGES = ("rewrite", "synth", "distill")
 
 
-class RunSettings(StrictModel):
-    """A local run: which stages, their settings, batching."""
+class RunSettings(Pipeline):
+    """A local run: the pipeline, and how the input file is read and batched.
 
-    stages: list[str] = Field(
-        default_factory=lambda: ["scoring"],
-        description="Stages in order; available: scoring, density, rewrite, synth, distill. "
-        "'density' subsamples what scoring kept by inverse density; rewrite/synth/distill "
-        "generate with the LLM (all off by default: they change what a run keeps and "
-        "load further models).",
-    )
-    scoring: ScoringSettings = Field(default_factory=ScoringSettings)  # type: ignore[arg-type]
-    density: DensitySettings = Field(
-        default_factory=DensitySettings,  # type: ignore[arg-type]
-        description="Density settings. Locally, mode 'online' runs one pass; any other mode "
-        "runs both passes in process (no broker, no object store).",
-    )
-    rewrite: RewriteSettings = Field(default_factory=RewriteSettings)  # type: ignore[arg-type]
-    synth: SynthSettings = Field(default_factory=SynthSettings)  # type: ignore[arg-type]
-    distill: DistillSettings = Field(default_factory=DistillSettings)  # type: ignore[arg-type]
+    A top-level block named after a stage kind (``scoring: {steps: [heuristics]}``) is that
+    stage's ``config``, as in earlier run files."""
+
     batch_size: int = Field(32, ge=1, description="Samples per in-process batch.")
     text_field: str = Field("text", description="Input field holding the document text.")
     id_field: str = Field("id", description="Input field holding the sample id (optional).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_blocks(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not set(data) & set(KINDS):
+            return data
+        data = dict(data)
+        blocks = {k: data.pop(k) for k in KINDS if k in data}
+        stages = Pipeline.model_validate({"stages": data.get("stages", ["scoring"])}).stages
+        by_kind = {s.kind: s for s in stages}
+        unused = sorted(set(blocks) - set(by_kind))
+        if unused:
+            raise ValueError(f"settings for {unused}, which the pipeline does not run")
+        data["stages"] = [
+            {**s.model_dump(), "config": {**s.config, **blocks.get(s.kind, {})}} for s in stages
+        ]
+        return data
 
 
 @dataclass
@@ -141,68 +137,60 @@ def count_lines(path: Path) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
+@dataclass
+class _StageRun:
+    """A stage of the local run, with what it did (for the report)."""
+
+    spec: PipelineStage
+    core: StageCore
+    outcomes: list[Outcome]
+    samples_in: int = 0
+    seconds: float = 0.0
+
+
+def build_cores(settings: RunSettings) -> list[StageCore]:
+    """Every stage's core, from the registry, before any input is read (a configuration
+    error stops the run before it writes anything)."""
+    return [stage(s.kind).build_core(s.settings()) for s in settings.stages]
+
+
+def run_stage(kind: str, core: StageCore, batches: list[list[Sample]]) -> list[list[Outcome]]:
+    """One stage over its whole (bounded) input: its registered bounded runner, else
+    ``process`` batch by batch."""
+    spec = stage(kind)
+    if spec.bounded:
+        return spec.run_bounded(core, batches)
+    return [core.process(b) for b in batches]
+
+
 def run_local(
     input_path: Path,
     out_dir: Path,
     settings: RunSettings | None = None,
     progress: bool = True,
-    core: ScoringCore | None = None,
 ) -> RunReport:
     settings = settings or RunSettings()
-    unknown = [s for s in settings.stages if s not in STAGES]
-    if unknown:
-        raise InvalidArgument(f"unknown stages {unknown}; available: {list(STAGES)}")
-    if settings.stages != [s for s in STAGES if s in settings.stages]:
-        raise InvalidArgument(f"stages run in the order {list(STAGES)}; got {settings.stages}")
-    density = DensityCore(settings.density) if "density" in settings.stages else None
-    chain = [
-        _ChainStage(name, _generation_core(name, settings))
-        for name in settings.stages
-        if name in GENERATION_STAGES
-    ]
     if not input_path.is_file():
         raise InvalidArgument(f"input not found: {input_path}")
+    cores = build_cores(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    core = core or ScoringCore(settings.scoring)
-    if core.signals:
-        _ = core.backend  # load the model before the progress bar starts, not inside it
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    total = count_lines(input_path)
-    all_outcomes = []
+    sinks = settings.sinks
+    bus: dict[str, list[list[Sample]]] = {settings.source: []}
     labels_in: Counter[str] = Counter()
     labels_kept: Counter[str] = Counter()
     input_errors: Counter[str] = Counter()
     seen: set[str] = set()
     n_in = n_kept = 0
+    runs: list[_StageRun] = []
     with (
         open(out_dir / "kept.jsonl", "w", encoding="utf-8") as kept_f,
         open(out_dir / "scores.jsonl", "w", encoding="utf-8") as scores_f,
-        tqdm(total=total, unit="doc", desc="scoring", disable=not progress) as bar,
     ):
-        batch: list[Sample] = []
-        waiting: list[Sample] = []  # kept by scoring, for the density stage
 
-        def forward(outcomes: list[Outcome]) -> None:
-            """Outcomes of the selection stages on to the generation stages, then written."""
-            kept = [o.sample for o in outcomes if o.kept]
-            for o in outcomes:
-                if not o.kept or not chain:
-                    emit(o)
-            for stage in chain:
-                if not kept:
-                    return
-                results = stage.run(kept)
-                for o in results:
-                    if not o.kept:
-                        emit(o)
-                kept = [o.sample for o in results if o.kept]
-            if chain:
-                for sample in kept:
-                    emit(Outcome(sample, True))
-
-        def emit(o: Outcome) -> None:
-            """Write a sample's final decision."""
+        def emit(o: Outcome, topic: str = "") -> None:
+            """Write a sample's final decision (a drop, or its arrival in a sink)."""
             nonlocal n_kept
             s = o.sample
             kind = s.metadata.get("kind")
@@ -211,65 +199,66 @@ def run_local(
                 labels_kept[kind] += int(o.kept)
             if o.kept:
                 n_kept += 1
-                _write(kept_f, _kept_row(s))
+                _write(kept_f, _kept_row(s, topic if len(sinks) > 1 else ""))
             _write(
                 scores_f,
                 {"id": s.id, "kept": o.kept, "scores": _finite(s.scores), "reason": o.reason},
             )
 
-        def flush() -> None:
-            if not batch:
-                return
-            outcomes = core.process(batch)
-            if density is not None:
-                waiting.extend(o.sample for o in outcomes if o.kept)
-                forward([o for o in outcomes if not o.kept])
-            else:
-                forward(outcomes)
-            all_outcomes.extend(outcomes)
-            bar.update(len(batch))
-            bar.set_postfix(kept=n_kept + len(waiting))
-            batch.clear()
-
-        for rec in read_records(input_path, settings):
-            n_in += 1
-            error = rec.error
-            if rec.sample is not None and rec.sample.id in seen:
-                error = "duplicate_id"
-            if error or rec.sample is None:
-                reason = f"input:{error.split(':', 1)[0]}"
-                input_errors[reason] += 1
-                _write(
-                    scores_f,
-                    {
-                        "id": rec.raw_id,
-                        "kept": False,
-                        "scores": {},
-                        "reason": reason,
-                        "line": rec.line,
-                    },
-                )
+        batch: list[Sample] = []
+        with tqdm(
+            total=count_lines(input_path), unit="doc", desc="read", disable=not progress
+        ) as bar:
+            for rec in read_records(input_path, settings):
+                n_in += 1
                 bar.update(1)
-                continue
-            seen.add(rec.sample.id)
-            batch.append(rec.sample)
-            if len(batch) >= settings.batch_size:
-                flush()
-        flush()
-        density_outcomes: list[Outcome] = []
-        density_seconds = 0.0
-        if density is not None:
-            t_density = time.perf_counter()
-            density_outcomes = run_density(density, waiting, settings.batch_size, progress)
-            density_seconds = time.perf_counter() - t_density
-            for i in range(0, len(density_outcomes), settings.batch_size):
-                forward(density_outcomes[i : i + settings.batch_size])
+                error = rec.error
+                if rec.sample is not None and rec.sample.id in seen:
+                    error = "duplicate_id"
+                if error or rec.sample is None:
+                    reason = f"input:{error.split(':', 1)[0]}"
+                    input_errors[reason] += 1
+                    row = {"id": rec.raw_id, "kept": False, "scores": {}, "reason": reason}
+                    _write(scores_f, {**row, "line": rec.line})
+                    continue
+                seen.add(rec.sample.id)
+                batch.append(rec.sample)
+                if len(batch) >= settings.batch_size:
+                    bus[settings.source].append(batch)
+                    batch = []
+        if batch:
+            bus[settings.source].append(batch)
 
-    steps = _step_reports(core, all_outcomes, n_in, input_errors)
-    if density is not None:
-        steps.append(_outcome_report("density", density_outcomes, density_seconds))
-    steps.extend(_outcome_report(st.name, st.outcomes, st.seconds, st.samples_in) for st in chain)
-    signals = sorted({k for o in all_outcomes for k in o.sample.scores})
+        for spec, core in zip(settings.stages, cores, strict=True):
+            batches = bus.get(spec.topics.input, [])
+            run = _StageRun(spec, core, [], samples_in=sum(map(len, batches)))
+            t_stage = time.perf_counter()
+            with tqdm(
+                total=run.samples_in, unit="doc", desc=spec.kind, disable=not progress
+            ) as bar:
+                results = run_stage(spec.kind, core, batches)
+                bar.update(run.samples_in)
+            run.seconds = time.perf_counter() - t_stage
+            out = bus.setdefault(spec.topics.output, [])
+            for outcomes in results:
+                run.outcomes.extend(outcomes)
+                for o in outcomes:
+                    if not o.kept:
+                        emit(o)
+                kept = [o.sample for o in outcomes if o.kept]
+                if kept:
+                    out.append(kept)
+            runs.append(run)
+        for topic in sinks:
+            for kept_batch in bus.get(topic, []):
+                for sample in kept_batch:
+                    emit(Outcome(sample, True), topic)
+
+    steps = [_input_report(n_in, input_errors)] if input_errors else []
+    for run in runs:
+        steps.extend(_stage_reports(run))
+    outcomes = [o for run in runs for o in run.outcomes]
+    signals = sorted({k for o in outcomes for k in o.sample.scores})
     report = RunReport(
         input=str(input_path),
         output_dir=str(out_dir),
@@ -277,11 +266,13 @@ def run_local(
         samples_kept=n_kept,
         steps=steps,
         scores={
-            k: summarize_scores([o.sample.scores[k] for o in all_outcomes if k in o.sample.scores])
+            k: summarize_scores([o.sample.scores[k] for o in outcomes if k in o.sample.scores])
             for k in signals
         },
         by_label={k: {"in": labels_in[k], "kept": labels_kept[k]} for k in sorted(labels_in)},
-        model_version=core.model_version if all_outcomes else "",
+        model_version=", ".join(
+            f"{r.spec.kind}={r.core.model_version}" for r in runs if r.outcomes
+        ),
         seconds=round(time.perf_counter() - t0, 3),
         started_at=started,
         settings=settings.model_dump(mode="json"),
@@ -290,19 +281,30 @@ def run_local(
     return report
 
 
-def _step_reports(
-    core: ScoringCore, outcomes: list[Any], n_in: int, input_errors: Counter[str]
-) -> list[StepReport]:
-    steps: list[StepReport] = []
-    if input_errors:
-        valid = n_in - sum(input_errors.values())
-        steps.append(StepReport("input", n_in, valid, 0, 0, dict(input_errors), 0.0))
-    counts = step_counts(outcomes, core.steps)
-    alive = list(outcomes)
-    for c in counts:
+def _model_versions(runs: list[_StageRun]) -> str:
+    """What decided, per stage that saw input: 'scoring=heuristics, density=...'."""
+    return ", ".join(f"{r.spec.kind}={r.core.model_version}" for r in runs if r.outcomes)
+
+
+def _input_report(n_in: int, input_errors: Counter[str]) -> StepReport:
+    valid = n_in - sum(input_errors.values())
+    return StepReport("input", n_in, valid, 0, 0, dict(input_errors), 0.0)
+
+
+def _stage_reports(run: _StageRun) -> list[StepReport]:
+    """A line per step the core names (its drop reasons say which step dropped), or one
+    line for the stage; seconds per step where the core keeps them (``step_seconds``)."""
+    steps = list(run.core.steps)
+    if not steps:
+        return [_outcome_report(run.spec.kind, run.outcomes, run.seconds, run.samples_in)]
+    step_seconds: dict[str, float] = getattr(run.core, "step_seconds", {})
+    reports: list[StepReport] = []
+    alive = list(run.outcomes)
+    for c in step_counts(run.outcomes, steps):
         dropped_here = [o for o in alive if not o.kept and o.step == c.step]
-        kept_here = [o for o in alive if not (not o.kept and o.step == c.step)]
-        steps.append(
+        kept_here = [o for o in alive if o.kept or o.step != c.step]
+        seconds = step_seconds.get(c.step, run.seconds if len(steps) == 1 else 0.0)
+        reports.append(
             StepReport(
                 name=c.step,
                 samples_in=c.samples_in,
@@ -310,68 +312,11 @@ def _step_reports(
                 tokens_in=sum(_words(o.sample) for o in alive),
                 tokens_kept=sum(_words(o.sample) for o in kept_here),
                 drop_reasons=dict(Counter(o.reason for o in dropped_here)),
-                seconds=round(core.step_seconds.get(c.step, 0.0), 3),
+                seconds=round(seconds, 3),
             )
         )
         alive = kept_here
-    return steps
-
-
-def run_density(
-    core: DensityCore, samples: list[Sample], batch_size: int, progress: bool = False
-) -> list[Outcome]:
-    """The density stage over a finished input: one online pass when so configured, else
-    both passes (sketch everything, then subsample), embedding each sample once."""
-    chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    outcomes: list[Outcome] = []
-    with tqdm(total=2 * len(samples), unit="doc", desc="density", disable=not progress) as bar:
-        if core.settings.mode == "online":
-            for chunk in chunks:
-                outcomes.extend(core.online_batch(chunk, core.vectors(chunk)))
-                bar.update(2 * len(chunk))
-            return outcomes
-        vectors = []
-        for chunk in chunks:  # pass 1
-            vectors.append(core.vectors(chunk))
-            core.build_batch(chunk, vectors[-1])
-            bar.update(len(chunk))
-        for chunk, vecs in zip(chunks, vectors, strict=True):  # pass 2
-            outcomes.extend(core.sample_batch(chunk, vecs))
-            bar.update(len(chunk))
-    return outcomes
-
-
-def _generation_core(name: str, settings: RunSettings) -> StageCore:
-    if name == "rewrite":
-        from services.rewrite.core import RewriteCore
-
-        return RewriteCore(settings.rewrite)
-    if name == "synth":
-        from services.synth.core import SynthCore
-
-        return SynthCore(settings.synth)
-    from services.distill.store import build_core
-
-    return build_core(settings.distill)
-
-
-@dataclass
-class _ChainStage:
-    """A generation stage in the local chain, with what it did (for the report)."""
-
-    name: str
-    core: StageCore
-    outcomes: list[Outcome] = field(default_factory=list)
-    seconds: float = 0.0
-    samples_in: int = 0
-
-    def run(self, samples: list[Sample]) -> list[Outcome]:
-        self.samples_in += len(samples)
-        t0 = time.perf_counter()
-        results = self.core.process(samples)
-        self.seconds += time.perf_counter() - t0
-        self.outcomes.extend(results)
-        return results
+    return reports
 
 
 def _outcome_report(
@@ -395,8 +340,10 @@ def _words(s: Sample) -> int:
     return len(s.content.split())
 
 
-def _kept_row(s: Sample) -> dict[str, Any]:
+def _kept_row(s: Sample, topic: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"id": s.id}
+    if topic:  # the pipeline has more than one sink: say which one
+        row["topic"] = topic
     for k in ("text", "prompt", "response", "source"):
         v = getattr(s, k)
         if v:

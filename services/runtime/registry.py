@@ -28,6 +28,7 @@ from services.runtime.errors import ConfigError
 if TYPE_CHECKING:
     import grpc
 
+    from services.runtime.domain import Outcome, Sample
     from services.runtime.metrics import StageMetrics
     from services.runtime.settings import ServiceSettings
     from services.runtime.stage import StageCore
@@ -75,6 +76,9 @@ class StageSpec:
     group      ``(settings) -> str``: the consumer group the worker commits, when it is not
                ``settings.kafka.group_id``; '' = that group
     commands   one-shot modes beyond serve/worker/all: mode -> ``(core, settings) -> int``
+    bounded    ``(core, batches) -> outcomes per batch``: how the stage runs over a finished
+               input (a local run) when it must see all of it before deciding (density's
+               two passes); '' = ``process`` batch by batch
     object_store  dotted path of the settings' S3 block (``ObjectStoreSettings``), '' = none;
                the chart wires its endpoint and credentials there (``sluice.s3ConfigPath``)
     """
@@ -88,6 +92,7 @@ class StageSpec:
     worker: str = ""
     group: str = ""
     commands: Mapping[str, str] = field(default_factory=dict)
+    bounded: str = ""
     object_store: str = ""
 
     @property
@@ -119,6 +124,10 @@ class StageSpec:
         register: Register = _resolve(self.register)(core, metrics)
         return register
 
+    def run_bounded(self, core: StageCore, batches: list[list[Sample]]) -> list[list[Outcome]]:
+        outcomes: list[list[Outcome]] = _resolve(self.bounded)(core, batches)
+        return outcomes
+
     def command(self, mode: str) -> Callable[[StageCore, ServiceSettings], int]:
         fn: Callable[[StageCore, ServiceSettings], int] = _resolve(self.commands[mode])
         return fn
@@ -143,6 +152,7 @@ STAGES: tuple[StageSpec, ...] = (
         worker="services.density.worker:make_worker",
         group="services.density.settings:consumer_group",
         commands={"merge": "services.density.worker:merge_command"},
+        bounded="services.density.core:run_bounded",
         object_store="store",
     ),
     StageSpec(

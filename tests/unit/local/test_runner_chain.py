@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from gensim.test.utils import datapath
+from pydantic import ValidationError
 
 from services.local.runner import RunSettings, run_local
-from services.runtime.errors import InvalidArgument
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +44,13 @@ def test_scoring_then_distill(tmp_path: Path) -> None:
     assert next(s for s in scores if s["id"] == "junk")["reason"].startswith("heuristics:")
 
 
-def test_stages_must_be_known_and_in_order(tmp_path: Path) -> None:
-    corpus = tmp_path / "in.jsonl"
-    corpus.write_text('{"text": "x"}\n')
-    with pytest.raises(InvalidArgument, match="order"):
-        run_local(corpus, tmp_path, RunSettings(stages=["distill", "scoring"]), progress=False)
+def test_stages_chain_in_the_order_given() -> None:
+    """No fixed order: the list is the chain, as topics would chain on Kafka; a stage that
+    would write a topic the pipeline already uses (a loop) is refused."""
+    settings = RunSettings(stages=["distill", "rewrite"])  # type: ignore[arg-type]
+    distill, rewrite = settings.stages
+    assert distill.topics.input == settings.source == "sluice.scored"
+    assert rewrite.topics.input == distill.topics.output == "sluice.distilled"
+    assert settings.sinks == ["sluice.rewritten"]
+    with pytest.raises(ValidationError, match="already in use"):
+        RunSettings(stages=["distill", "scoring"])  # type: ignore[arg-type]

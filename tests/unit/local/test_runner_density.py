@@ -8,12 +8,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gensim.test.utils import datapath
+from pydantic import ValidationError
 
 from services.density.core import REASON_SUBSAMPLED, SCORE_WEIGHT
 from services.local.runner import RunSettings, run_local
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import ConfigError
 
 N_DISTINCT = 36
 N_COPIES = 54
@@ -63,10 +65,30 @@ def test_run_with_density_thins_near_duplicates(tmp_path: Path) -> None:
     assert all(r["scores"][SCORE_WEIGHT] >= 1 for r in kept_rows)
 
 
-def test_unknown_stage_is_refused(tmp_path: Path) -> None:
+def test_density_alone_runs_density_only(tmp_path: Path) -> None:
+    """``stages: [density]`` applies no scoring rule: junk that heuristics would drop reaches
+    density, and the report has no heuristics line (precomputed embeddings: no model)."""
+    rng = np.random.default_rng(0)
+    rows = [
+        {"id": f"v{i}", "text": "buy now " * 3, "embedding": rng.normal(size=8).tolist()}
+        for i in range(60)
+    ]
     corpus = tmp_path / "in.jsonl"
-    corpus.write_text('{"id": "a", "text": "x"}\n')
-    with pytest.raises(InvalidArgument, match="available"):
-        run_local(corpus, tmp_path, RunSettings(stages=["scoring", "dedupe"]), progress=False)
-    with pytest.raises(InvalidArgument, match="order"):
-        run_local(corpus, tmp_path, RunSettings(stages=["density", "scoring"]), progress=False)
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    settings = RunSettings.model_validate(
+        {"stages": ["density"], "density": {"target_rate": 0.5, "sketch": {"dim": 8}}}
+    )
+    report = run_local(corpus, tmp_path / "out", settings, progress=False)
+
+    assert [s.name for s in report.steps] == ["density"]
+    density = report.steps[0]
+    assert density.samples_in == 60 and 0 < density.samples_kept < 60
+    assert set(density.drop_reasons) == {REASON_SUBSAMPLED}
+    assert report.model_version.startswith("density=")
+
+
+def test_unknown_stage_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="known: scoring"):
+        RunSettings(stages=["scoring", "dedupe"])  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="does not run"):
+        RunSettings.model_validate({"stages": ["scoring"], "density": {"seed": 1}})
