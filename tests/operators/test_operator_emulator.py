@@ -480,15 +480,21 @@ def test_example_two_pass_density_starts_and_is_scaled_on_its_sample_group(
     ensure_topics(kafka_bootstrap, [t_in, t_out, f"{t_in}.dlq"], partitions=2)
     samples = [Sample(id=f"s{i}", text=f"{TEXTS[i % len(TEXTS)]} (note {i})") for i in range(240)]
     producer = KafkaProducer(bootstrap_servers=[kafka_bootstrap], acks="all")
-    messages = publish(producer, t_in, samples, batch_size=20)
+    # One message per produce request, each acknowledged before the next: one record per
+    # batch, so a broker reporting "last batch start + 1" as the end is exact too.
+    messages = sum(
+        publish(producer, t_in, samples[i : i + 20], batch_size=20, batch_prefix=f"m{i}-")
+        for i in range(0, len(samples), 20)
+    )
     producer.close()
 
     values = yaml.safe_load((ROOT / "operators" / "examples" / "values.yaml").read_text())
     density = values["stages"]["density"]
     density["topics"] = {"input": t_in, "output": t_out, "dlq": ""}
     density["group"] = group
-    # Pass 1 stops after this long without input (the default 60 s suits a real drain).
-    density["config"]["build_idle_timeout_s"] = 8
+    # Pass 1 stops after this long without input, counted from its start, so above the
+    # group join (about 6 s on Tansu); the default 60 s suits a real drain.
+    density["config"]["build_idle_timeout_s"] = 20
     density["config"]["store"] = {"create_bucket": True}
     density["autoscaling"].update(FAST, targetLagPerReplica=2)
     values["stages"]["scoring"]["enabled"] = False
@@ -542,7 +548,8 @@ def test_example_two_pass_density_starts_and_is_scaled_on_its_sample_group(
                 proc = _pod_process(container, configs, s3_env, log)
                 procs.append(proc)
                 assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
-            assert "merged 1 parts of corpus v1" in (tmp_path / "merge.log").read_text()
+            merged = (tmp_path / "merge.log").read_text()
+            assert f"merged 1 parts of corpus v1: n={len(samples)}" in merged, merged[-3000:]
 
             # The Deployment's pod: pass 2 against the merged sketch.
             log = tmp_path / "sample.log"
@@ -567,9 +574,13 @@ def test_example_two_pass_density_starts_and_is_scaled_on_its_sample_group(
     admin = KafkaAdminClient(bootstrap_servers=[kafka_bootstrap])
     try:
         tps = [TopicPartition(t_in, p) for p in range(2)]
-        for g in (f"{group}.build.corpus.v1", sample_group):
-            committed = admin.list_group_offsets({g: tps})[g]
-            assert sum(committed[tp].offset for tp in tps) == messages, g
+        committed = admin.list_group_offsets({sample_group: tps})[sample_group]
+        assert sum(committed[tp].offset for tp in tps) == messages
+        # Pass 1 committed under its own group (the merge's n above proves it read it all).
+        build_group = f"{group}.build.corpus.v1"
+        assert any(
+            o.offset > 0 for o in admin.list_group_offsets({build_group: tps})[build_group].values()
+        )
         # ... and nothing ever committed the configured group itself.
         unused = admin.list_group_offsets({group: tps}).get(group, {})
         assert all(o.offset < 0 for o in unused.values())
