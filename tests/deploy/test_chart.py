@@ -750,6 +750,13 @@ def test_stage_values_that_cannot_start_fail_the_render(values: list[str], messa
     assert message in err.value.stderr
 
 
+def test_the_charts_idea_of_densitys_default_mode_is_the_services() -> None:
+    """sluice.densityTwoPass treats a density config without `mode` as two_pass_sample."""
+    from services.density.settings import DensitySettings
+
+    assert DensitySettings.model_fields["mode"].default == "two_pass_sample"
+
+
 def test_online_density_needs_no_store_and_no_build_job() -> None:
     objs = render("stages.density.enabled=true", "stages.density.config.mode=online")
     assert set(_by_kind(objs, "Job")) == {"sluice-topics"}

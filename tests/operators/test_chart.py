@@ -168,6 +168,13 @@ def test_example_values_render_what_the_operator_can_scale() -> None:
     from tests.deploy.chart import render_docs
     from tests.operators import schema
 
+    lint = subprocess.run(
+        [str(_helm()), "lint", "--strict", str(CHART), "--values", str(EXAMPLES / "values.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
     objs = render_docs(values_files=(EXAMPLES / "values.yaml",))
     scalers = {}
     for obj in objs:
