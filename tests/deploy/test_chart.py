@@ -679,6 +679,16 @@ def test_each_autoscaled_stage_gets_a_scaler_pointing_at_its_deployment(
         assert target.topic == config["kafka"]["input_topic"]
     density = lag_target("density", scalers[f"{RELEASE}-density"]["spec"]["stage"]["config"])
     assert density.group == "sluice-density.sample.corpus.v2"
+    # The lag alerts name the group the registry names (sluice.committedGroup).
+    (rule,) = _by_kind(autoscaled_objs, "PrometheusRule").values()
+    for group in rule["spec"]["groups"]:
+        stage = group["name"].removeprefix("sluice-")
+        if stage not in STAGES:
+            continue
+        (lag,) = [r for r in group["rules"] if r["alert"] == "SluiceStageLagGrowing"]
+        scaler = scalers[f"{RELEASE}-{stage}"]["spec"]["stage"]
+        expected = lag_target(stage, scaler["config"]).group
+        assert f"Consumer group {expected} is" in lag["annotations"]["description"], stage
 
 
 def test_two_pass_density_gets_its_sketch_build_job(

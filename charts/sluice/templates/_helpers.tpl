@@ -146,6 +146,21 @@ SluiceScaler carries the config, not the env).
 {{- end }}
 
 {{/*
+The consumer group a stage's workers commit, for people (NOTES, alert texts): the stage's
+group, or for two-pass density pass 2's "<group>.sample.<sketch>.v<N>". The operator does not
+use this: it asks the registry (services/runtime/registry.py consumer_group); a test keeps
+the two equal.
+*/}}
+{{- define "sluice.committedGroup" -}}
+{{- if include "sluice.densityTwoPass" . }}
+{{- $sketch := default (dict) .spec.config.sketch }}
+{{- printf "%s.sample.%s.v%d" .spec.group (default "default" $sketch.name) (int $sketch.version) }}
+{{- else }}
+{{- .spec.group }}
+{{- end }}
+{{- end }}
+
+{{/*
 The build settings of a two-pass density stage: its config with mode two_pass_build.
 */}}
 {{- define "sluice.densityBuildConfig" -}}
