@@ -11,11 +11,12 @@ import socket
 import uuid
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.backends.embeddings import EmbeddingSettings
 from services.runtime.errors import ConfigError
+from services.runtime.objectstore import ObjectStoreSettings
 from services.runtime.settings import KafkaSettings, ServiceSettings, StrictModel
 
 if TYPE_CHECKING:  # the sketch imports torch; settings stay light (the operator reads them)
@@ -74,31 +75,11 @@ class SketchSettings(StrictModel):
         )
 
 
-class StoreSettings(StrictModel):
-    """Where sketches live: an S3-compatible object store (MinIO, S3, Ceph)."""
+class StoreSettings(ObjectStoreSettings):
+    """Where sketches live (services.runtime.objectstore); only the defaults are density's."""
 
-    endpoint: str = Field(
-        "", description="host:port of the S3 API, e.g. 'minio:9000'; '' = no store."
-    )
     bucket: str = Field("sluice-sketches", description="Bucket holding the sketches.")
     prefix: str = Field("density", description="Key prefix inside the bucket.")
-    secure: bool = Field(True, description="HTTPS; false for an in-cluster plain-HTTP MinIO.")
-    region: str = Field("us-east-1", description="Region the client signs requests for.")
-    access_key: SecretStr | None = Field(
-        None,
-        description="Access key; unset = AWS_ACCESS_KEY_ID / MINIO_ACCESS_KEY from the "
-        "environment (e.g. a Kubernetes Secret mounted as env).",
-    )
-    secret_key: SecretStr | None = Field(
-        None, description="Secret key; unset = AWS_SECRET_ACCESS_KEY / MINIO_SECRET_KEY."
-    )
-    create_bucket: bool = Field(
-        False, description="Create the bucket if missing (dev); production provisions it."
-    )
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.endpoint)
 
 
 def default_worker_id() -> str:

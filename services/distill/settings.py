@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.backends.base import GenerationParams, ModelSettings
+from services.runtime.objectstore import ObjectStoreSettings
 from services.runtime.settings import KafkaSettings, ServiceSettings, StrictModel
 
 KiB = 1024
@@ -21,18 +22,12 @@ def _default_kafka() -> KafkaSettings:
     )
 
 
-class S3Settings(StrictModel):
-    """The S3/MinIO object store for top-k payloads too large to travel inline."""
+class S3Settings(ObjectStoreSettings):
+    """The object store for top-k payloads too large to travel inline
+    (services.runtime.objectstore); only the defaults are distill's."""
 
-    endpoint: str = Field(
-        "", description="host:port of the S3/MinIO endpoint; '' = no store (all inline)."
-    )
     bucket: str = Field("sluice-distill", description="Bucket of top-k objects (must exist).")
     prefix: str = Field("topk/", description="Key prefix; objects are '<prefix><sha256>.stk'.")
-    access_key: str = Field("", description="Access key id.")
-    secret_key: SecretStr = Field(SecretStr(""), description="Secret key.")
-    secure: bool = Field(True, description="HTTPS to the endpoint.")
-    region: str = Field("us-east-1", description="Bucket region.")
 
 
 class TopKStoreSettings(StrictModel):

@@ -64,7 +64,7 @@ def test_registry_and_settings_import_no_model_runtime() -> None:
         "for k in KINDS:\n"
         "    consumer_group(k, load_stage_settings(k, {'sketch': {'version': 2}}"
         " if k == 'density' else {}))\n"
-        "heavy = {'torch', 'sentence_transformers', 'transformers', 'vllm', 'kafka', 'minio'}\n"
+        "heavy = {'torch', 'sentence_transformers', 'transformers', 'vllm', 'kafka'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     out = subprocess.run(
