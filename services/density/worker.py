@@ -150,9 +150,13 @@ class DensityWorker:
             # Loaded now: the version ('latest' resolved) names the consumer group.
             self.reference = load_reference(core, self._store)
             version = self.reference.version
-        dropped = self.settings.dropped_topic if mode != "two_pass_build" else ""
+        dropped = self.settings.dropped_topic_name if mode != "two_pass_build" else ""
         kafka = pass_kafka_settings(self.settings, version)
-        self.stage_worker = StageWorker(core, kafka, metrics, stage=STAGE, dropped_topic=dropped)
+        fingerprint = self.settings.decision_fingerprint()
+        decision = f"{core.model_version}+sketch.v{version}+config.{fingerprint}"
+        self.stage_worker = StageWorker(
+            core, kafka, metrics, stage=STAGE, dropped_topic=dropped, decision_version=decision
+        )
         self.published: str | None = None
 
     def request_stop(self) -> None:

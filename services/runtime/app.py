@@ -37,7 +37,14 @@ def make_worker(
     if spec.worker:
         return spec.make_worker(core, settings, metrics)
     kafka = settings.kafka.model_copy(update={"group_id": consumer_group(spec.name, settings)})
-    return StageWorker(core, kafka, metrics, stage=spec.name, dropped_topic=settings.dropped_topic)
+    return StageWorker(
+        core,
+        kafka,
+        metrics,
+        stage=spec.name,
+        dropped_topic=settings.dropped_topic_name,
+        decision_version=f"{core.model_version}+config.{settings.decision_fingerprint()}",
+    )
 
 
 def run_service(kind: str, settings: ServiceSettings, mode: str = "all") -> int:

@@ -1,36 +1,54 @@
 """The Kafka stage loop every service runs as a worker (kafka-python).
 
-Delivery is at-least-once: a record's offset is committed only after the
-output it produced has been acknowledged by the broker (acks=all), and only the
-unbroken run of finished records of each partition is committed. A crash
-between acknowledgement and commit re-delivers those input records; their
-outputs carry deterministic batch ids (``<topic>-<partition>-<offset>``) so a
-downstream reader can drop the repeats (``dedupe_batches``).
+Delivery is one switch, ``kafka.processing_guarantee``:
 
-Malformed input never stops the loop: it goes to the dead-letter topic with the
-reason in headers, and the offset moves on. On SIGTERM the worker stops
-between records, commits what is done, and closes.
+- ``exactly_once`` (default): each poll is one producer transaction. The outputs of the
+  poll's records (kept, dropped and dead-lettered copies) and the consumed offsets
+  (``send_offsets_to_transaction`` with the consumer's group metadata, KIP-447) commit
+  together or not at all. Readers use ``isolation_level=read_committed`` (every stage does)
+  and see each output exactly once, however often a worker is killed. A restarted worker
+  with the same ``kafka.instance_id`` fences its previous incarnation at once
+  (``init_transactions``) and rejoins the group as the same static member; zombies of an
+  old group generation are fenced by the broker when they try to commit offsets.
+- ``at_least_once``: a record's offset is committed only after every output it produced
+  was acknowledged (acks=all), and only the unbroken run of finished records of each
+  partition; a crash between acknowledgement and commit redelivers those records.
+
+Output batch ids are ``<topic>-<partition>-<offset>[.<part>]@<stage>.<decision>``: the input
+position says which input a batch came from (a redelivery repeats it) and ``<decision>`` is a
+digest of the stage's model and config version, so a replay under a new version never looks
+like a redelivery (protos/sluice/common/v1/sample.proto, ``batch_id``).
+
+No single message can stop the loop: undecodable, unknown-schema and oversized inputs, and
+batches that keep failing, go to the dead-letter topic with the reason, source position and
+size in headers; a copy that would exceed the producer's limit keeps a truncated value (its
+original size in a header) instead of failing the write. Output is split to fit the
+smallest ``max.message.bytes`` of the topics it is written to (read from the broker at
+start), and a single sample that cannot fit even alone is dead-lettered. On SIGTERM the
+worker stops between records, commits what is done, and closes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+from kafka.errors import KafkaError, ProducerFencedError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from services.runtime.codec import BatchCodec, Headers
 from services.runtime.domain import Outcome, Sample
-from services.runtime.errors import SluiceError, Unavailable
+from services.runtime.errors import SluiceError, TooLarge, Unavailable
 from services.runtime.metrics import StageMetrics
 from services.runtime.settings import KafkaSettings
 from services.runtime.stage import StageCore
@@ -39,10 +57,16 @@ log = logging.getLogger(__name__)
 
 H_DLQ_REASON = "sluice-dlq-reason"
 H_DLQ_ERROR = "sluice-dlq-error"
+H_DLQ_SIZE = "sluice-dlq-original-bytes"
+H_DLQ_TRUNCATED = "sluice-dlq-truncated"
 H_SOURCE = "sluice-source"
 H_STAGE = "sluice-stage"
 # Fetch/produce requests carry protocol framing beyond the value itself.
 _FRAMING_BYTES = 64 * 1024
+# Room left in a produced message for its key, headers and record-batch overhead.
+_RECORD_OVERHEAD = 16 * 1024
+# The broker's default max.message.bytes, assumed when a topic's config cannot be read.
+BROKER_DEFAULT_MESSAGE_BYTES = 1048588
 
 
 @dataclass
@@ -54,8 +78,37 @@ class WorkerStats:
     samples_out: int = 0
     dead_letters: int = 0
     commits: int = 0
+    aborts: int = 0
     retries: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    first_record_at: float | None = None  # time.monotonic() of the first record handled
+    last_commit_at: float | None = None  # ... and of the last commit
+
+    @property
+    def busy_seconds(self) -> float:
+        """From the first record to the last commit: the loop's own time for its work."""
+        if self.first_record_at is None or self.last_commit_at is None:
+            return 0.0
+        return max(0.0, self.last_commit_at - self.first_record_at)
+
+
+@dataclass
+class _Transaction:
+    """An open producer transaction of the exactly-once loop."""
+
+    opened_at: float
+    start: dict[TopicPartition, int] = field(default_factory=dict)  # first offset per partition
+    done: dict[TopicPartition, int] = field(default_factory=dict)  # next offset per partition
+    records: int = 0
+
+    def due(self, settings: KafkaSettings) -> bool:
+        return (time.monotonic() - self.opened_at) * 1000 >= settings.transaction_interval_ms
+
+
+def decision_digest(stage: str, version: str) -> str:
+    """Short, stable digest of what decided (stage, model and config version): the suffix
+    of every output batch id."""
+    return hashlib.sha256(f"{stage}\0{version}".encode()).hexdigest()[:12]
 
 
 class StageWorker:
@@ -71,7 +124,10 @@ class StageWorker:
         codec: BatchCodec | None = None,
         dropped_topic: str = "",
         max_retries: int = 2,
+        decision_version: str = "",
     ) -> None:
+        """``decision_version``: the stage's model + config identity for batch ids (default:
+        the processor's ``model_version``, read when the loop starts)."""
         self.processor = processor
         self.settings = settings
         self.metrics = metrics
@@ -79,10 +135,18 @@ class StageWorker:
         self.codec = codec or BatchCodec(settings.max_message_bytes)
         self.dropped_topic = dropped_topic
         self.max_retries = max_retries
+        self.decision_version = decision_version
         self.stats = WorkerStats()
+        self.produce_limit = settings.max_message_bytes
+        self._out_codec = BatchCodec(settings.max_message_bytes)
+        self._digest = ""
         self._stop = threading.Event()
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.settings.processing_guarantee == "exactly_once"
 
     # -- lifecycle -------------------------------------------------------
     def request_stop(self) -> None:
@@ -94,30 +158,53 @@ class StageWorker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.request_stop())
 
+    def _out_topics(self) -> list[str]:
+        s = self.settings
+        return [t for t in (s.output_topic, self.dropped_topic, s.dead_letter_topic) if t]
+
     def _connect(self) -> tuple[KafkaConsumer, KafkaProducer]:
         s = self.settings
+        common = s.client_kwargs()
         fetch_bytes = s.max_message_bytes + _FRAMING_BYTES
+        # The producer may not write more than the smallest topic it writes to accepts.
+        self.produce_limit = min(s.max_message_bytes, topic_message_limit(s, self._out_topics()))
+        self._out_codec = BatchCodec(max(1024, self.produce_limit - _RECORD_OVERHEAD))
+        instance = s.instance_id or f"{uuid.uuid4().hex[:12]}"
         try:
             consumer = KafkaConsumer(
-                bootstrap_servers=s.bootstrap_servers.split(","),
+                **common,
                 group_id=s.group_id,
+                group_instance_id=s.instance_id or None,  # static membership when stable
                 client_id=f"{s.client_id}-{self.stage}",
                 enable_auto_commit=False,
                 auto_offset_reset=s.auto_offset_reset,
                 max_poll_records=s.max_poll_records,
                 session_timeout_ms=s.session_timeout_ms,
+                heartbeat_interval_ms=max(500, s.session_timeout_ms // 5),
                 max_poll_interval_ms=s.max_poll_interval_ms,
                 max_partition_fetch_bytes=fetch_bytes,
                 fetch_max_bytes=max(fetch_bytes, 50 * 1024 * 1024),
+                isolation_level="read_committed",
             )
+            producer_kw: dict[str, Any] = {}
+            if self.exactly_once:
+                producer_kw = {
+                    "transactional_id": f"{s.transactional_id_prefix or s.group_id}-{instance}",
+                    "transaction_timeout_ms": s.transaction_timeout_ms,
+                }
             producer = KafkaProducer(
-                bootstrap_servers=s.bootstrap_servers.split(","),
+                **common,
                 client_id=f"{s.client_id}-{self.stage}",
                 acks="all",
                 linger_ms=5,
-                max_request_size=s.max_message_bytes + _FRAMING_BYTES,
+                max_request_size=self.produce_limit + _FRAMING_BYTES,
                 retries=5,
+                **producer_kw,
             )
+            if self.exactly_once:
+                # Fences any earlier producer with this transactional id (a killed
+                # incarnation of this worker) and aborts its open transaction.
+                producer.init_transactions()
         except KafkaError as exc:
             raise Unavailable(f"cannot reach Kafka at {s.bootstrap_servers}: {exc}") from exc
         consumer.subscribe([s.input_topic])
@@ -126,15 +213,22 @@ class StageWorker:
     def run(self, *, idle_timeout_s: float | None = None) -> WorkerStats:
         """Run until stopped (or, if ``idle_timeout_s`` is set, until no input
         arrived for that long: for one-shot replays and tests)."""
+        self._digest = decision_digest(
+            self.stage, self.decision_version or self.processor.model_version
+        )
         consumer, producer = self._connect()
         self._consumer, self._producer = consumer, producer
         last_data = time.monotonic()
         log.info(
-            "stage %s consuming %s -> %s",
+            "stage %s consuming %s -> %s (%s, produce limit %d bytes)",
             self.stage,
             self.settings.input_topic,
             self.settings.output_topic,
+            self.settings.processing_guarantee,
+            self.produce_limit,
         )
+        txn: _Transaction | None = None
+        clean = False
         try:
             while not self._stop.is_set():
                 polled = consumer.poll(
@@ -142,13 +236,28 @@ class StageWorker:
                     max_records=self.settings.max_poll_records,
                 )
                 self._update_lag(consumer)
-                if not polled:
-                    if idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
-                        break
-                    continue
-                last_data = time.monotonic()
-                self._handle_poll(consumer, producer, polled)
+                if polled:
+                    last_data = time.monotonic()
+                    if not self.exactly_once:
+                        self._handle_poll(consumer, producer, polled)
+                    else:
+                        if txn is None:
+                            producer.begin_transaction()
+                            txn = _Transaction(time.monotonic())
+                        txn = self._add_to_transaction(consumer, producer, txn, polled)
+                if txn is not None and (not polled or txn.due(self.settings)):
+                    self._commit_transaction(consumer, producer, txn)
+                    txn = None
+                if (
+                    not polled
+                    and idle_timeout_s is not None
+                    and time.monotonic() - last_data > idle_timeout_s
+                ):
+                    break
+            clean = True
         finally:
+            if txn is not None and clean:  # stopped on request: keep what is done
+                self._commit_transaction(consumer, producer, txn)
             consumer.close(autocommit=False)
             producer.close(timeout=self.settings.produce_timeout_s)
             self._consumer = self._producer = None
@@ -156,23 +265,30 @@ class StageWorker:
         return self.stats
 
     # -- one poll --------------------------------------------------------
+    def _process_records(
+        self, producer: KafkaProducer, polled: dict[TopicPartition, list[Any]]
+    ) -> tuple[dict[TopicPartition, int], list[Any]]:
+        """Handle the records of one poll in order; the next offset per partition handled
+        and the futures of everything sent. Stops between records when asked to."""
+        done: dict[TopicPartition, int] = {}
+        futures: list[Any] = []
+        for tp, records in polled.items():
+            for rec in records:
+                if self._stop.is_set():
+                    log.info("stop requested: the rest of the poll will be redelivered")
+                    return done, futures
+                futures.extend(self._handle_record(producer, rec))
+                done[tp] = rec.offset + 1
+        return done, futures
+
     def _handle_poll(
         self,
         consumer: KafkaConsumer,
         producer: KafkaProducer,
         polled: dict[TopicPartition, list[Any]],
     ) -> None:
-        done: dict[TopicPartition, int] = {}
-        futures: list[Any] = []
-        abandoned = False
-        for tp, records in polled.items():
-            for rec in records:
-                if self._stop.is_set():
-                    abandoned = True
-                    break
-                futures.extend(self._handle_record(producer, rec))
-                done[tp] = rec.offset + 1
-        # Acknowledge before commit: the at-least-once guarantee.
+        """At-least-once: acknowledge every output, then commit the offsets."""
+        done, futures = self._process_records(producer, polled)
         producer.flush(timeout=self.settings.produce_timeout_s)
         for fut in futures:
             try:
@@ -184,13 +300,75 @@ class StageWorker:
         if done:
             consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in done.items()})
             self.stats.commits += 1
-        if abandoned:
-            log.info("stop requested: abandoned the rest of the poll; it will be redelivered")
+            self.stats.last_commit_at = time.monotonic()
+
+    def _add_to_transaction(
+        self,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        txn: _Transaction,
+        polled: dict[TopicPartition, list[Any]],
+    ) -> _Transaction | None:
+        """Exactly-once: handle a poll inside the open transaction (outputs sent, offsets
+        remembered). A transaction spans polls until ``transaction_interval_ms``, so its
+        fixed cost (four broker round trips) is shared by many batches."""
+        for tp, records in polled.items():
+            if records:
+                txn.start.setdefault(tp, records[0].offset)
+        try:
+            done, _futures = self._process_records(producer, polled)
+        except KafkaError as exc:
+            self._abort(consumer, producer, txn, exc)
+            return None
+        txn.done.update(done)
+        txn.records += sum(len(r) for r in polled.values())
+        return txn
+
+    def _commit_transaction(
+        self, consumer: KafkaConsumer, producer: KafkaProducer, txn: _Transaction
+    ) -> None:
+        """The transaction's outputs and its input offsets become visible together. If it
+        cannot commit (a rebalance took its partitions, a broker failed over) it is aborted
+        and the consumer rewinds to its first offsets: nothing of it is visible, nothing
+        is skipped."""
+        try:
+            if txn.done:
+                producer.send_offsets_to_transaction(
+                    {tp: OffsetAndMetadata(off, "", -1) for tp, off in txn.done.items()},
+                    consumer.group_metadata(),
+                )
+            producer.commit_transaction()
+            self.stats.commits += 1
+            self.stats.last_commit_at = time.monotonic()
+        except ProducerFencedError as exc:
+            # A newer incarnation owns this transactional id: this one must not go on.
+            raise Unavailable(f"producer fenced by a newer instance: {exc}") from exc
+        except KafkaError as exc:
+            self._abort(consumer, producer, txn, exc)
+
+    def _abort(
+        self, consumer: KafkaConsumer, producer: KafkaProducer, txn: _Transaction, exc: Exception
+    ) -> None:
+        self.stats.aborts += 1
+        log.warning("transaction aborted (%s); rewinding to its first offsets", exc)
+        try:
+            producer.abort_transaction()
+        except ProducerFencedError as fenced:
+            raise Unavailable(f"producer fenced by a newer instance: {fenced}") from fenced
+        except KafkaError as again:
+            # The producer is unusable; exit so a restart resumes from committed offsets.
+            raise Unavailable(f"cannot abort transaction: {again}") from again
+        assigned = consumer.assignment()
+        for tp, offset in txn.start.items():
+            if tp in assigned:
+                consumer.seek(tp, offset)
 
     def _handle_record(self, producer: KafkaProducer, rec: Any) -> list[Any]:
         s = self.settings
         source = f"{rec.topic}-{rec.partition}-{rec.offset}"
         self.stats.records += 1
+        if self.stats.first_record_at is None:
+            self.stats.first_record_at = time.monotonic()
         started = time.perf_counter()
         try:
             batch = self.codec.decode(rec.value, rec.headers)
@@ -216,14 +394,27 @@ class StageWorker:
         kept = [o.sample for o in outcomes if o.kept]
         dropped = [o.sample for o in outcomes if not o.kept]
         trace: Headers = [(H_SOURCE, source.encode()), (H_STAGE, self.stage.encode())]
+        batch_id = f"{source}@{self.stage}.{self._digest}"
         futures = []
-        for topic, samples, suffix in (
+        for topic, samples, kind in (
             (s.output_topic, kept, ""),
-            (self.dropped_topic, dropped, ".dropped"),
+            (self.dropped_topic, dropped, "d"),
         ):
             if not topic or not samples:
                 continue
-            for value, headers in self.codec.encode_split(samples, self.stage, source + suffix):
+            for chunk_id, chunk in self._fit(samples, f"{batch_id}{kind}"):
+                try:
+                    value, headers = self._out_codec.encode(chunk, self.stage, chunk_id)
+                except TooLarge as exc:  # one sample alone does not fit the topic
+                    futures.append(
+                        self._dead_letter(
+                            producer,
+                            rec,
+                            "output_too_large",
+                            f"sample {chunk[0].id}: {exc.message}",
+                        )
+                    )
+                    continue
                 futures.append(
                     producer.send(topic, value=value, key=rec.key, headers=headers + trace)
                 )
@@ -237,27 +428,47 @@ class StageWorker:
         self.metrics.batch_seconds.labels(self.stage).observe(time.perf_counter() - started)
         return futures
 
+    def _fit(self, samples: list[Sample], batch_id: str) -> list[tuple[str, list[Sample]]]:
+        """Split ``samples`` into chunks whose encoding fits the produce limit (part ids
+        derived from ``batch_id``, so a redelivery repeats them); a single sample that does
+        not fit is returned alone, for the caller to dead-letter."""
+        try:
+            self._out_codec.encode(samples, self.stage, batch_id)
+            return [(batch_id, samples)]
+        except TooLarge:
+            if len(samples) <= 1:
+                return [(batch_id, samples)]
+        mid = len(samples) // 2
+        return self._fit(samples[:mid], f"{batch_id}.0") + self._fit(samples[mid:], f"{batch_id}.1")
+
     def _dead_letter(self, producer: KafkaProducer, rec: Any, reason: str, error: str) -> Any:
+        """Send a copy of ``rec`` to the dead-letter topic with why, where from and how big.
+        The value is kept whole when it fits the producer's limit, else truncated (the
+        original size in a header): a dead letter must never fail to be written."""
         log.warning(
             "dead-lettering %s-%d-%d: %s: %s", rec.topic, rec.partition, rec.offset, reason, error
         )
         self.stats.dead_letters += 1
         self.metrics.dead_letters.labels(self.stage, reason).inc()
-        headers = [
-            *list(rec.headers or []),
+        original = rec.value if rec.value is not None else b""
+        headers: Headers = [
+            *[(k, v) for k, v in (rec.headers or []) if v is None or len(v) <= 4096],
             (H_DLQ_REASON, reason.encode()),
             (H_DLQ_ERROR, error[:2000].encode("utf-8", "replace")),
             (H_SOURCE, f"{rec.topic}-{rec.partition}-{rec.offset}".encode()),
             (H_STAGE, self.stage.encode()),
+            (H_DLQ_SIZE, str(len(original)).encode()),
         ]
-        value = (
-            rec.value
-            if rec.value is None or len(rec.value) <= self.settings.max_message_bytes
-            else None
+        key = rec.key if rec.key is None or len(rec.key) <= 4096 else rec.key[:4096]
+        room = (
+            self.produce_limit - _RECORD_OVERHEAD - sum(len(k) + len(v or b"") for k, v in headers)
         )
-        return producer.send(
-            self.settings.dead_letter_topic, value=value, key=rec.key, headers=headers
-        )
+        room -= len(key or b"")
+        value = original
+        if len(original) > max(0, room):
+            value = original[: max(0, room)]
+            headers.append((H_DLQ_TRUNCATED, b"true"))
+        return producer.send(self.settings.dead_letter_topic, value=value, key=key, headers=headers)
 
     def _update_lag(self, consumer: KafkaConsumer) -> None:
         for tp in consumer.assignment():
@@ -271,6 +482,36 @@ class StageWorker:
             self.metrics.consumer_lag.labels(self.stage, tp.topic, str(tp.partition)).set(
                 max(0, hw - pos)
             )
+
+
+def topic_message_limit(settings: KafkaSettings, topics: Iterable[str]) -> int:
+    """The smallest ``max.message.bytes`` of ``topics`` as the broker reports it (topics that
+    do not exist yet get the broker default). What a producer may send to all of them."""
+    names = sorted(set(topics))
+    if not names:
+        return settings.max_message_bytes
+    try:
+        admin = KafkaAdminClient(**settings.client_kwargs(), client_id="sluice-admin")
+    except KafkaError as exc:
+        raise Unavailable(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
+    try:
+        existing = set(admin.list_topics())
+        known = [t for t in names if t in existing]
+        limits = [BROKER_DEFAULT_MESSAGE_BYTES] if len(known) < len(names) else []
+        if known:
+            res = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, t, ["max.message.bytes"]) for t in known],
+                config_filter="all",
+            )
+            for t in known:
+                entry = res.get("topic", {}).get(t, {}).get("max.message.bytes")
+                limits.append(int(entry["value"]) if entry else BROKER_DEFAULT_MESSAGE_BYTES)
+        return min(limits)
+    except KafkaError as exc:
+        log.warning("could not read max.message.bytes of %s (%s); assuming the default", names, exc)
+        return BROKER_DEFAULT_MESSAGE_BYTES
+    finally:
+        admin.close()
 
 
 # -- helpers for publishers, readers and operators -------------------------

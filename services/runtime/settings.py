@@ -8,6 +8,8 @@ passed into constructors; nothing reads the environment anywhere else.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -54,7 +56,13 @@ class KafkaSettings(StrictModel):
         description="Largest message value accepted or produced; larger inputs "
         "are dead-lettered, larger outputs are split.",
     )
-    session_timeout_ms: int = Field(30000, description="Consumer group session timeout.")
+    session_timeout_ms: int = Field(
+        10000,
+        ge=1000,
+        description="Consumer group session timeout: how long a worker that died without "
+        "leaving (kill -9, node loss) holds its partitions. With a stable instance_id a "
+        "restarted worker takes them back at once instead.",
+    )
     max_poll_interval_ms: int = Field(
         600000,
         description="Max time between polls before the group evicts the worker; must "
@@ -68,6 +76,42 @@ class KafkaSettings(StrictModel):
         description="Where a new group starts; 'earliest' so nothing published "
         "before the worker started is skipped.",
     )
+
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
+        "exactly_once",
+        description="exactly_once: each poll's outputs and input offsets commit in one "
+        "producer transaction (needs a broker with transactions: Apache Kafka >= 2.5); "
+        "at_least_once: outputs acknowledged before offsets commit, redelivery possible.",
+    )
+    instance_id: str = Field(
+        "",
+        description="Stable identity of this worker across restarts (the pod name): the "
+        "static group member id (group.instance.id) and the transactional id suffix, so a "
+        "restarted worker fences its old self and takes its partitions back without waiting "
+        "for the session timeout. '' = a random id per process (no static membership).",
+    )
+    transactional_id_prefix: str = Field(
+        "", description="Prefix of the producer's transactional id; '' = the group id."
+    )
+    transaction_interval_ms: int = Field(
+        1000,
+        ge=0,
+        description="exactly_once: how long one transaction stays open collecting polls "
+        "before it commits (Kafka Streams' commit.interval.ms). Longer amortises the "
+        "commit's cost over more batches; shorter makes outputs visible to read_committed "
+        "readers sooner. A transaction also commits whenever a poll returns nothing.",
+    )
+    transaction_timeout_ms: int = Field(
+        120000,
+        ge=1000,
+        description="How long the broker lets a transaction stay open before aborting it; "
+        "must exceed the time to process one poll (max_poll_records batches). A worker that "
+        "died without a stable instance_id holds back read_committed readers this long.",
+    )
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Connection settings every kafka-python client of this stage shares."""
+        return {"bootstrap_servers": self.bootstrap_servers.split(",")}
 
     @property
     def dead_letter_topic(self) -> str:
@@ -104,8 +148,26 @@ class ServiceSettings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
     log_level: str = Field("INFO", description="Python logging level.")
     dropped_topic: str = Field(
-        "", description="If set, dropped samples (with their lineage) are written here for audit."
+        "",
+        description="Where dropped samples (with their lineage and drop reason) are written, "
+        "so a dropped sample can be told apart from a lost one: '' = "
+        "'<kafka.output_topic>.dropped', 'none' = do not record drops.",
     )
+
+    @property
+    def dropped_topic_name(self) -> str:
+        """The dropped-samples topic in effect ('' when drops are not recorded)."""
+        if self.dropped_topic.lower() == "none":
+            return ""
+        return self.dropped_topic or f"{self.kafka.output_topic}.dropped"
+
+    def decision_fingerprint(self) -> str:
+        """Digest of every setting that can change a decision: all but where the stage reads,
+        writes and listens. Part of output batch ids, so a replay under a changed config is
+        not taken for a redelivery."""
+        transport = {"kafka", "grpc", "metrics", "log_level", "dropped_topic"}
+        body = self.model_dump(mode="json", exclude=transport)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
 S = TypeVar("S", bound=BaseSettings)

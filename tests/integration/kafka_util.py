@@ -14,17 +14,25 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def read_topic(
-    bootstrap: str, topic: str, *, expect: int, timeout_s: float = 60, count=lambda msg: 1
-) -> list:  # type: ignore[no-untyped-def]
+def read_topic(  # type: ignore[no-untyped-def]
+    bootstrap: str,
+    topic: str,
+    *,
+    expect: int,
+    timeout_s: float = 60,
+    count=lambda msg: 1,
+    isolation_level: str = "read_committed",
+) -> list:
     """Read ``topic`` from the beginning until ``count`` over messages reaches
-    ``expect`` (or the timeout), then keep reading 1 s more to catch extras."""
+    ``expect`` (or the timeout), then keep reading 1 s more to catch extras. Reads what a
+    downstream stage reads: committed transactions only, unless told otherwise."""
     consumer = KafkaConsumer(
         topic,
-        bootstrap_servers=[bootstrap],
+        bootstrap_servers=bootstrap.split(","),
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        isolation_level=isolation_level,
     )
     out = []
     seen = 0

@@ -165,7 +165,7 @@ def test_end_offsets_are_exact_with_multi_record_batches(kafka_bootstrap: str) -
     topic = unique("ends")
     ensure_topics(kafka_bootstrap, [topic], partitions=1)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap.split(","), linger_ms=50)
-    for i in range(37):
+    for _i in range(37):
         producer.send(topic, value=b"x" * 100, partition=0)
     producer.flush()
     producer.close()

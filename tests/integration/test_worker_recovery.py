@@ -1,9 +1,14 @@
 """Crash and shutdown behaviour of a real worker process on the real broker.
 
-kill -9 in the middle of a stream, restart: nothing is lost, and the only
-repeats are whole batches re-sent with the same deterministic batch id, so a
-reader that keeps the first copy of each batch id sees every sample exactly
-once. SIGTERM: the worker exits 0 having committed everything it produced.
+kill -9 in the middle of a stream, restart, under both delivery guarantees:
+
+- exactly_once (the default): a read_committed reader sees every sample exactly once, with
+  no repeated batch at all, however many times the worker is killed;
+- at_least_once: nothing is lost, and the only repeats are whole batches re-sent with the
+  same deterministic batch id, so a reader that keeps the first copy of each batch id sees
+  every sample exactly once.
+
+SIGTERM: the worker exits 0 having committed everything it produced.
 """
 
 from __future__ import annotations
@@ -32,10 +37,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _worker(
-    bootstrap: str, ingest: str, out: str, dropped: str, group: str, log: Path
+    bootstrap: str,
+    ingest: str,
+    out: str,
+    dropped: str,
+    group: str,
+    log: Path,
+    guarantee: str = "exactly_once",
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "SLUICE_SCORING_KAFKA__PROCESSING_GUARANTEE": guarantee,
+        # the same identity on every restart: fences the killed incarnation at once
+        "SLUICE_SCORING_KAFKA__INSTANCE_ID": f"{group}-worker-0",
         "SLUICE_SCORING_STEPS": json.dumps(["heuristics"]),
         "SLUICE_SCORING_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "SLUICE_SCORING_KAFKA__INPUT_TOPIC": ingest,
@@ -58,7 +72,10 @@ def _count(records: list) -> int:  # type: ignore[type-arg]
     return sum(len(b.samples) for b in decode_all(records))
 
 
-def test_kill9_then_restart_loses_nothing(kafka_bootstrap: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_kill9_then_restart_loses_nothing(
+    kafka_bootstrap: str, tmp_path: Path, guarantee: str
+) -> None:
     ingest, out, dropped, group = unique("ing"), unique("out"), unique("drop"), unique("grp")
     ensure_topics(kafka_bootstrap, [ingest, out, dropped, f"{ingest}.dlq"], partitions=3)
     docs = [
@@ -71,7 +88,7 @@ def test_kill9_then_restart_loses_nothing(kafka_bootstrap: str, tmp_path: Path) 
     producer.close()
     total = len(samples)
 
-    first = _worker(kafka_bootstrap, ingest, out, dropped, group, tmp_path / "w1.log")
+    first = _worker(kafka_bootstrap, ingest, out, dropped, group, tmp_path / "w1.log", guarantee)
     # wait until the first worker is well into the stream, then kill -9
     deadline = time.monotonic() + 120
     progressed = 0
@@ -85,7 +102,7 @@ def test_kill9_then_restart_loses_nothing(kafka_bootstrap: str, tmp_path: Path) 
         f"first worker processed {progressed}/{total}: no mid-stream kill"
     )
 
-    second = _worker(kafka_bootstrap, ingest, out, dropped, group, tmp_path / "w2.log")
+    second = _worker(kafka_bootstrap, ingest, out, dropped, group, tmp_path / "w2.log", guarantee)
     try:
         deadline = time.monotonic() + 180
         seen_ids: set[str] = set()
@@ -107,7 +124,12 @@ def test_kill9_then_restart_loses_nothing(kafka_bootstrap: str, tmp_path: Path) 
     by_id: dict[str, list[list[str]]] = defaultdict(list)
     for b in batches:
         by_id[b.batch_id].append([s.id for s in b.samples])
-    # repeats are whole batches, identical under the same deterministic id
+    if guarantee == "exactly_once":
+        repeated = {bid: len(c) for bid, c in by_id.items() if len(c) > 1}
+        assert not repeated, f"a read_committed reader saw repeated batches: {repeated}"
+        seen = [s.id for b in batches for s in b.samples]
+        assert sorted(seen) == sorted(s.id for s in samples), "lost or duplicated samples"
+    # repeats (at_least_once only) are whole batches, identical under the same id
     for copies in by_id.values():
         assert all(c == copies[0] for c in copies)
     deduped = [sid for copies in by_id.values() for sid in copies[0]]
@@ -115,8 +137,8 @@ def test_kill9_then_restart_loses_nothing(kafka_bootstrap: str, tmp_path: Path) 
 
     # SIGTERM committed everything: a third worker in the group finds nothing to do
     before = len(batches)
-    third = _worker(kafka_bootstrap, ingest, out, dropped, group, tmp_path / "w3.log")
-    time.sleep(12)  # Tansu's first group join takes ~6 s
+    third = _worker(kafka_bootstrap, ingest, out, dropped, group, tmp_path / "w3.log", guarantee)
+    time.sleep(12)  # long enough to join the group and poll
     third.send_signal(signal.SIGTERM)
     assert third.wait(30) == 0
     after = len(read_topic(kafka_bootstrap, out, expect=1, timeout_s=3)) + len(

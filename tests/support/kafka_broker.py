@@ -148,7 +148,10 @@ class KafkaNode:
         ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
                 start_new_session=True,
             )
 
@@ -343,7 +346,9 @@ def _format(nodes: list[KafkaNode], cluster_id: str) -> None:
     for p in procs:
         out, _ = p.communicate()
         if p.returncode != 0:
-            raise RuntimeError(f"kafka-storage format failed: {out.decode(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"kafka-storage format failed: {out.decode(errors='replace')[-3000:]}"
+            )
 
 
 def _registered_brokers(bootstrap: str) -> set[int]:
@@ -360,8 +365,11 @@ def _registered_brokers(bootstrap: str) -> set[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.support.kafka_broker", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.support.kafka_broker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("install", help="resolve the broker's jars from Maven Central (once)")
     run = sub.add_parser("run", help="start a cluster and keep it up until Ctrl-C")
@@ -377,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     cluster = KafkaCluster.start(args.brokers, port=args.port or None)
     print(
         f"Apache Kafka {KAFKA_VERSION} ({args.brokers} broker(s)) ready in "
-        f"{time.monotonic() - t0:.1f} s\nSLUICE_KAFKA_BOOTSTRAP={cluster.bootstrap}\n(Ctrl-C to stop)",
+        f"{time.monotonic() - t0:.1f} s\nSLUICE_KAFKA_BOOTSTRAP={cluster.bootstrap}\n"
+        "(Ctrl-C to stop)",
         flush=True,
     )
 
