@@ -12,10 +12,12 @@ zero: a committed offset past the reported end (an end offset a broker got wrong
 truncated under the group) is "caught up", never negative lag. The lag of a stage is the
 sum over partitions.
 
-One admin client per broker address, reused across passes; a retriable broker error
-(a coordinator being elected) is retried a few times within the read; any other failure
-closes the client (the next read reconnects) and surfaces as ``LagSourceError`` with the
-cause, for the reconciler to keep replicas as they are and retry later.
+One admin client per broker address, reused across passes, with the operator's own TLS and
+SASL settings (``LagClientSettings.security``, mounted like the stages' credentials); a
+retriable broker error (a coordinator being elected) is retried a few times within the read;
+any other failure closes the client (the next read reconnects) and surfaces as
+``LagSourceError`` with the cause, for the reconciler to keep replicas as they are and retry
+later.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class KafkaLagSource:
                 client_id=self._settings.client_id,
                 request_timeout_ms=self._settings.request_timeout_ms,
                 bootstrap_timeout_ms=self._settings.bootstrap_timeout_ms,
+                **self._settings.security.client_kwargs(),
             )
             self._clients[bootstrap_servers] = client
         return client

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.runtime.settings import StrictModel
+from services.runtime.settings import KafkaSecuritySettings, StrictModel
 
 
 class LagClientSettings(StrictModel):
@@ -29,6 +29,11 @@ class LagClientSettings(StrictModel):
         5.0, gt=0, description="First wait after a failed offset read; doubles per failure."
     )
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest wait between retries.")
+    security: KafkaSecuritySettings = Field(
+        default_factory=KafkaSecuritySettings,  # type: ignore[arg-type]
+        description="TLS and SASL towards the brokers, as the stages' kafka.security (the "
+        "chart mounts the same Secrets at the same paths into the operator).",
+    )
 
 
 class OperatorSettings(BaseSettings):

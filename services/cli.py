@@ -9,6 +9,9 @@ sluice serve SERVICE [serve|worker|all] run a service (gRPC and/or Kafka worker)
 sluice density merge --name N --version V   merge pass-1 sketch parts in the store
 sluice publish INPUT --topic T          publish a corpus to a Kafka ingest topic
 sluice topics T [T ...]                 create Kafka topics (idempotent)
+
+publish and topics connect with TLS/SASL from env SLUICE_KAFKA_SECURITY__* (PROTOCOL,
+SASL_MECHANISM, SASL_USERNAME, SASL_PASSWORD_FILE, CA_FILE, CERT_FILE, KEY_FILE).
 """
 
 from __future__ import annotations
@@ -175,13 +178,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from services.local.runner import RunSettings, count_lines, read_records
     from services.runtime.codec import BatchCodec
     from services.runtime.kafka_stage import ensure_topics, publish
+    from services.runtime.settings import KafkaClientEnv
 
     path = Path(args.input)
     if not path.is_file():
         raise SluiceError(f"input not found: {path}")
-    ensure_topics(args.bootstrap, [args.topic], partitions=args.partitions)
+    kafka = KafkaClientEnv().kafka(args.bootstrap)
+    ensure_topics(kafka, [args.topic], partitions=args.partitions)
     producer = KafkaProducer(
-        bootstrap_servers=args.bootstrap.split(","),
+        **kafka.client_kwargs(),
         acks="all",
         max_request_size=args.max_message_bytes + 65536,
     )
@@ -212,9 +217,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_topics(args: argparse.Namespace) -> int:
     from services.runtime.kafka_stage import ensure_topics
+    from services.runtime.settings import KafkaClientEnv
 
+    configs = {}
+    for item in args.topic_config:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SluiceError(f"--topic-config wants KEY=VALUE, got {item!r}")
+        configs[key.strip()] = value.strip()
     ensure_topics(
-        args.bootstrap, args.topics, partitions=args.partitions, replication=args.replication
+        KafkaClientEnv().kafka(args.bootstrap),
+        args.topics,
+        partitions=args.partitions,
+        replication=args.replication,
+        configs=configs,
     )
     print("ok:", ", ".join(args.topics))
     return 0
@@ -304,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="replication factor of created topics (production clusters: 3)",
+    )
+    p.add_argument(
+        "--topic-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config of created topics, repeatable (e.g. max.message.bytes=8388608)",
     )
     p.set_defaults(fn=cmd_topics)
     return ap

@@ -10,6 +10,8 @@ The Kafka-protocol broker is chosen by ``SLUICE_TEST_KAFKA``:
   so the same tests run against a user's brokers.
 
 Tests that restart a broker ask for ``kafka_cluster`` (three real nodes, started on first use;
+skipped on any other choice); tests of transport security ask for ``kafka_secure`` (one real
+node with mutual-TLS and SASL_SSL listeners and generated certificates, started on first use;
 skipped on any other choice).
 """
 
@@ -62,6 +64,20 @@ def kafka_cluster() -> Iterator[KafkaCluster]:
     if broker_kind() != "kafka":
         pytest.skip("a three-broker cluster is started only with SLUICE_TEST_KAFKA=kafka")
     cluster = KafkaCluster.start(3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_secure() -> Iterator[KafkaCluster]:
+    """One real Apache Kafka node with an SSL listener that requires a client certificate
+    (``ssl_bootstrap``) and a SASL_SSL listener with SCRAM and PLAIN users
+    (``sasl_ssl_bootstrap``), besides the plain one; certificates in ``cluster.tls``."""
+    if broker_kind() != "kafka":
+        pytest.skip("the TLS/SASL broker is started only with SLUICE_TEST_KAFKA=kafka")
+    cluster = KafkaCluster.start(1, security=True, heap="512m")
     try:
         yield cluster
     finally:

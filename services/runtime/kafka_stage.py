@@ -516,21 +516,28 @@ def topic_message_limit(settings: KafkaSettings, topics: Iterable[str]) -> int:
 
 # -- helpers for publishers, readers and operators -------------------------
 def ensure_topics(
-    bootstrap: str,
+    bootstrap: str | KafkaSettings,
     topics: Iterable[str],
     partitions: int = 4,
     replication: int = 1,
     timeout_s: float = 30,
+    configs: dict[str, str] | None = None,
 ) -> None:
-    """Create topics that do not exist yet (idempotent)."""
+    """Create topics that do not exist yet (idempotent), with topic ``configs`` (e.g.
+    max.message.bytes). ``bootstrap``: an address, or settings that also carry security."""
+    kafka = KafkaSettings(bootstrap_servers=bootstrap) if isinstance(bootstrap, str) else bootstrap
     admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap.split(","),
+        **kafka.client_kwargs(),
         client_id="sluice-admin",
         request_timeout_ms=int(timeout_s * 1000),
     )
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(t, partitions, replication) for t in topics if t not in existing]
+        new = [
+            NewTopic(t, partitions, replication, topic_configs=dict(configs or {}))
+            for t in topics
+            if t not in existing
+        ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(new)

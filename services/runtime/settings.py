@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.runtime.errors import ConfigError
@@ -28,10 +28,106 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class KafkaSecuritySettings(StrictModel):
+    """How a Kafka client authenticates and encrypts: TLS (optionally mutual) and SASL.
+
+    Secrets are files (mounted from Kubernetes Secrets) or, for the SASL password, an env
+    variable; the files are read when a client is built, so a rotated Secret takes effect on
+    the next connect. Every kafka-python client of a stage is built from ``client_kwargs()``.
+    """
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="Kafka security.protocol: TLS with SSL/SASL_SSL, SASL authentication "
+        "with SASL_PLAINTEXT/SASL_SSL.",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (SASL_* protocols only)."
+    )
+    sasl_username: str = Field("", description="SASL user name (SASL_* protocols only).")
+    sasl_password: SecretStr = Field(
+        SecretStr(""),
+        description="SASL password; prefer sasl_password_file (a mounted Secret), which wins "
+        "when both are set.",
+    )
+    sasl_password_file: str = Field(
+        "", description="File holding the SASL password (trailing newline ignored)."
+    )
+    ca_file: str = Field(
+        "",
+        description="PEM CA bundle the brokers' certificates are checked against (TLS "
+        "protocols); '' = the system's trusted CAs.",
+    )
+    cert_file: str = Field("", description="PEM client certificate for mutual TLS; needs key_file.")
+    key_file: str = Field("", description="PEM private key of cert_file (unencrypted).")
+    check_hostname: bool = Field(
+        True, description="Check that a broker's certificate names the host connected to."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecuritySettings:
+        tls = self.protocol in ("SSL", "SASL_SSL")
+        sasl = self.protocol.startswith("SASL_")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (mutual TLS needs both)")
+        if not tls and (self.ca_file or self.cert_file):
+            raise ValueError(f"ca_file/cert_file are set but protocol {self.protocol} has no TLS")
+        if sasl and not self.sasl_username:
+            raise ValueError(f"protocol {self.protocol} needs sasl_username")
+        if sasl and not (self.sasl_password_file or self.sasl_password.get_secret_value()):
+            raise ValueError(f"protocol {self.protocol} needs sasl_password_file or sasl_password")
+        return self
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """kafka-python's security kwargs. ConfigError when a named file cannot be read:
+        better now, with the setting's name, than as a handshake failure later."""
+        if self.protocol == "PLAINTEXT":
+            return {}
+        kw: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.protocol in ("SSL", "SASL_SSL"):
+            for name in ("ca_file", "cert_file", "key_file"):
+                path = getattr(self, name)
+                if path and not Path(path).is_file():
+                    raise ConfigError(f"kafka.security.{name}: no such file: {path}")
+            kw["ssl_check_hostname"] = self.check_hostname
+            if self.ca_file:
+                kw["ssl_cafile"] = self.ca_file
+            if self.cert_file:
+                kw["ssl_certfile"] = self.cert_file
+                kw["ssl_keyfile"] = self.key_file
+        if self.protocol.startswith("SASL_"):
+            kw["sasl_mechanism"] = self.sasl_mechanism
+            kw["sasl_plain_username"] = self.sasl_username
+            kw["sasl_plain_password"] = self._password()
+        return kw
+
+    def _password(self) -> str:
+        if not self.sasl_password_file:
+            return self.sasl_password.get_secret_value()
+        try:
+            return Path(self.sasl_password_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(
+                f"kafka.security.sasl_password_file: cannot read {self.sasl_password_file}: "
+                f"{exc.strerror}"
+            ) from exc
+
+
 class KafkaSettings(StrictModel):
     """Where a stage worker reads, writes and dead-letters, and how it commits."""
 
     bootstrap_servers: str = Field("localhost:9092", description="Comma-separated broker list.")
+    security: KafkaSecuritySettings = Field(
+        default_factory=KafkaSecuritySettings,  # type: ignore[arg-type]
+        description="TLS and SASL of every client this stage builds.",
+    )
+    bootstrap_timeout_ms: int = Field(
+        30000,
+        ge=100,
+        description="How long a client may take to reach a broker before the worker fails "
+        "with Unavailable: a refused TLS handshake or SASL login is retried by the client "
+        "until then, not reported at once.",
+    )
     input_topic: str = Field(
         "sluice.ingest", description="Topic of SampleBatch messages to consume."
     )
@@ -110,12 +206,35 @@ class KafkaSettings(StrictModel):
     )
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Connection settings every kafka-python client of this stage shares."""
-        return {"bootstrap_servers": self.bootstrap_servers.split(",")}
+        """Connection and security settings every kafka-python client of this stage shares."""
+        return {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
+            **self.security.client_kwargs(),
+        }
 
     @property
     def dead_letter_topic(self) -> str:
         return self.dlq_topic or f"{self.input_topic}.dlq"
+
+
+class KafkaClientEnv(BaseSettings):
+    """Kafka security of the ``sluice publish`` and ``sluice topics`` clients, which take the
+    broker list as an argument: env ``SLUICE_KAFKA_SECURITY__<FIELD>`` (e.g.
+    ``SLUICE_KAFKA_SECURITY__PROTOCOL=SASL_SSL``), as the chart's topics Job sets them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_KAFKA_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    security: KafkaSecuritySettings = Field(
+        default_factory=KafkaSecuritySettings,  # type: ignore[arg-type]
+        description="As a stage's kafka.security.",
+    )
+
+    def kafka(self, bootstrap_servers: str) -> KafkaSettings:
+        """Client settings for ``bootstrap_servers`` with this security."""
+        return KafkaSettings(bootstrap_servers=bootstrap_servers, security=self.security)
 
 
 class GrpcSettings(StrictModel):

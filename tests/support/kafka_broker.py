@@ -11,6 +11,10 @@ broker + controller with a static controller quorum.
   topics are small, so a session pays ~5 s for the broker once.
 - ``KafkaCluster.start(brokers=3)``: three nodes, a three-voter controller quorum, replication
   factor 3 and ``min.insync.replicas=2`` by default, for tests that restart a broker.
+- ``KafkaCluster.start(security=True)``: besides the plain listener, an ``SSL`` listener that
+  requires a client certificate (mutual TLS) and a ``SASL_SSL`` listener (SCRAM-SHA-512,
+  SCRAM-SHA-256 and PLAIN), with a CA, broker and client certificate generated into the
+  cluster's directory (``cluster.tls``) and the SCRAM user created at format time.
 
 For a local pipeline against the real broker: ``make kafka`` (this module's ``run`` command)
 starts one and prints its bootstrap address; ``--brokers 3`` starts the cluster.
@@ -30,6 +34,8 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from tests.support.servers import free_port, wait_port
@@ -102,6 +108,119 @@ def _java() -> str:
     return java
 
 
+SASL_USER = "sluice"
+SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a test CA, the brokers' certificate and a client certificate, all signed
+    by the CA; the broker's names ``localhost`` and ``127.0.0.1``."""
+
+    ca: Path
+    broker: Path
+    """The broker's key store: PKCS#8 private key, then its certificate (Kafka's PEM type)."""
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    """A CA that signed nothing here: trusting it instead of ``ca`` must fail."""
+
+
+def make_tls_files(root: Path) -> TlsFiles:
+    """Generate the CA and certificates with ``cryptography`` (EC P-256, valid one day)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    root.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC) - timedelta(minutes=5)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def pem_cert(cert: x509.Certificate) -> bytes:
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(name(cn))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return key, cert
+
+    ca_key, ca_cert = ca("sluice test CA")
+    _, other_cert = ca("some other CA")
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName] | None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return key, builder.sign(ca_key, hashes.SHA256())
+
+    broker_key, broker_cert = leaf(
+        "localhost",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))],
+    )
+    client_key, client_cert = leaf("sluice-client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    files = TlsFiles(
+        ca=root / "ca.pem",
+        broker=root / "broker-keystore.pem",
+        client_cert=root / "client.pem",
+        client_key=root / "client.key",
+        other_ca=root / "other-ca.pem",
+    )
+    files.ca.write_bytes(pem_cert(ca_cert))
+    files.other_ca.write_bytes(pem_cert(other_cert))
+    files.broker.write_bytes(pem_key(broker_key) + pem_cert(broker_cert))
+    files.client_cert.write_bytes(pem_cert(client_cert))
+    files.client_key.write_bytes(pem_key(client_key))
+    for f in (files.broker, files.client_key):
+        f.chmod(0o600)
+    return files
+
+
 @dataclass
 class KafkaNode:
     """One combined broker + controller process."""
@@ -112,6 +231,10 @@ class KafkaNode:
     workdir: Path
     config: Path
     proc: subprocess.Popen[bytes] | None = None
+    ssl_port: int = 0
+    """Mutual-TLS listener (``security=True`` clusters only)."""
+    sasl_ssl_port: int = 0
+    """SASL over TLS listener (``security=True`` clusters only)."""
 
     @property
     def address(self) -> str:
@@ -179,6 +302,10 @@ class KafkaCluster:
     root: Path
     cluster_id: str
     heap: str
+    tls: TlsFiles | None = None
+    """Certificates of a ``security=True`` cluster."""
+    sasl_password: str = ""
+    """Password of ``SASL_USER`` for every mechanism of a ``security=True`` cluster."""
     _stopped: bool = field(default=False, repr=False)
 
     name = "kafka"
@@ -186,6 +313,16 @@ class KafkaCluster:
     @property
     def bootstrap(self) -> str:
         return ",".join(n.address for n in self.nodes)
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        """The mutual-TLS listeners (a client certificate signed by ``tls.ca`` required)."""
+        return ",".join(f"127.0.0.1:{n.ssl_port}" for n in self.nodes if n.ssl_port)
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        """The SASL_SSL listeners (``SASL_USER``/``sasl_password``, server-only TLS)."""
+        return ",".join(f"127.0.0.1:{n.sasl_ssl_port}" for n in self.nodes if n.sasl_ssl_port)
 
     # The same surface as tests.support.servers.Server, so fixtures can hand either out.
     @property
@@ -205,9 +342,11 @@ class KafkaCluster:
         extra: dict[str, str] | None = None,
         root: Path | None = None,
         timeout: float = 90.0,
+        security: bool = False,
     ) -> KafkaCluster:
         """Format KRaft storage for ``brokers`` nodes, start them, and wait until every broker
-        is registered and answers metadata requests."""
+        is registered and answers metadata requests. ``security`` adds the SSL and SASL_SSL
+        listeners (see the module doc); brokers talk to each other on the plain one."""
         if brokers < 1:
             raise ValueError("brokers must be >= 1")
         if not is_installed():
@@ -221,31 +360,51 @@ class KafkaCluster:
         ports = [(port if (port and i == 0) else free_port(), free_port()) for i in range(brokers)]
         voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
         rf = min(3, brokers)
-        base = _broker_config(rf, voters) | (extra or {})
+        base = _broker_config(rf, voters)
+        tls = make_tls_files(root / "tls") if security else None
+        password = uuid.uuid4().hex if security else ""
+        if tls is not None:
+            base |= _security_config(tls, password)
+        base |= extra or {}
         nodes = []
         for i, (p, c) in enumerate(ports):
             workdir = root / f"node-{i + 1}"
             (workdir / "data").mkdir(parents=True)
+            listeners = {"PLAINTEXT": p}
+            if security:
+                listeners |= {"SSL": free_port(), "SASL_SSL": free_port()}
+            advertised = ",".join(f"{k}://127.0.0.1:{v}" for k, v in listeners.items())
             props = base | {
                 "node.id": str(i + 1),
-                "listeners": f"PLAINTEXT://127.0.0.1:{p},CONTROLLER://127.0.0.1:{c}",
-                "advertised.listeners": f"PLAINTEXT://127.0.0.1:{p}",
+                "listeners": f"{advertised},CONTROLLER://127.0.0.1:{c}",
+                "advertised.listeners": advertised,
                 "log.dirs": str(workdir / "data"),
             }
             config = workdir / "server.properties"
             config.write_text("".join(f"{k}={v}\n" for k, v in sorted(props.items())))
-            nodes.append(KafkaNode(i + 1, p, c, workdir, config))
-        cluster = cls(nodes, root, cluster_id, heap)
+            nodes.append(
+                KafkaNode(
+                    i + 1,
+                    p,
+                    c,
+                    workdir,
+                    config,
+                    ssl_port=listeners.get("SSL", 0),
+                    sasl_ssl_port=listeners.get("SASL_SSL", 0),
+                )
+            )
+        cluster = cls(nodes, root, cluster_id, heap, tls=tls, sasl_password=password)
         atexit.register(cluster.stop)
         try:
-            _format(nodes, cluster_id)
+            scram = [f"{m}=[name={SASL_USER},password={password}]" for m in SASL_MECHANISMS[:2]]
+            _format(nodes, cluster_id, scram if security else [])
             for n in nodes:
                 n.launch(heap)
             cluster.wait_ready(timeout)
-        except BaseException:
+        except BaseException as exc:
             tail = cluster.log_tail()
             cluster.stop()
-            raise RuntimeError(f"kafka did not start:\n{tail}") from None
+            raise RuntimeError(f"kafka did not start: {exc!r}\n{tail}") from exc
         return cluster
 
     def wait_ready(self, timeout: float = 90.0, nodes: list[KafkaNode] | None = None) -> None:
@@ -324,8 +483,36 @@ def _broker_config(rf: int, voters: str) -> dict[str, str]:
     }
 
 
-def _format(nodes: list[KafkaNode], cluster_id: str) -> None:
-    """``kafka-storage format`` for every node at once (static quorum: no --standalone)."""
+def _security_config(tls: TlsFiles, password: str) -> dict[str, str]:
+    """The SSL listener wants a client certificate from the CA (mutual TLS); the SASL_SSL one
+    authenticates ``SASL_USER`` by SCRAM (users stored in the metadata log at format time) or
+    PLAIN (users in the JAAS line). Both present the broker certificate, PEM files as is."""
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    plain = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'user_{SASL_USER}="{password}";'
+    )
+    return {
+        "listener.security.protocol.map": (
+            "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL"
+        ),
+        "ssl.keystore.type": "PEM",
+        "ssl.keystore.location": str(tls.broker),
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": str(tls.ca),
+        "listener.name.ssl.ssl.client.auth": "required",
+        "listener.name.sasl_ssl.ssl.client.auth": "none",
+        "listener.name.sasl_ssl.sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+        "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
+        "listener.name.sasl_ssl.plain.sasl.jaas.config": plain,
+    }
+
+
+def _format(nodes: list[KafkaNode], cluster_id: str, scram: list[str]) -> None:
+    """``kafka-storage format`` for every node at once (static quorum: no --standalone);
+    ``scram`` credentials (``MECHANISM=[name=..,password=..]``) are written into the initial
+    metadata."""
     procs = []
     for node in nodes:
         cmd = [
@@ -341,6 +528,7 @@ def _format(nodes: list[KafkaNode], cluster_id: str) -> None:
             cluster_id,
             "--config",
             str(node.config),
+            *(a for cred in scram for a in ("--add-scram", cred)),
         ]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
