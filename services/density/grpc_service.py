@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import grpc
 
@@ -14,6 +14,7 @@ from services.runtime.convert import sample_from_proto, validate_samples
 from services.runtime.domain import Sample
 from services.runtime.errors import InvalidArgument
 from services.runtime.metrics import StageMetrics
+from services.runtime.registry import Register, registration
 
 SERVICE_NAME = density_pb2.DESCRIPTOR.services_by_name["DensityService"].full_name
 
@@ -135,13 +136,7 @@ class DensityServicer(density_pb2_grpc.DensityServiceServicer):
         return resp
 
 
-def register(core: DensityCore, metrics: StageMetrics) -> Callable[[grpc.Server], list[str]]:
-    """A ``register`` callback for services.runtime.grpc_server.serve."""
-
-    def _register(server: grpc.Server) -> list[str]:
-        density_pb2_grpc.add_DensityServiceServicer_to_server(
-            DensityServicer(core, metrics), server
-        )
-        return [SERVICE_NAME]
-
-    return _register
+def register(core: DensityCore, metrics: StageMetrics) -> Register:
+    """The stage's servicer, for services.runtime.grpc_server.serve."""
+    add = density_pb2_grpc.add_DensityServiceServicer_to_server
+    return registration(add, DensityServicer(core, metrics), SERVICE_NAME)

@@ -12,12 +12,12 @@ import uuid
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from services.runtime.backends.embeddings import EmbeddingSettings
 from services.runtime.errors import ConfigError
 from services.runtime.objectstore import ObjectStoreSettings
-from services.runtime.settings import KafkaSettings, ServiceSettings, StrictModel
+from services.runtime.settings import StrictModel
+from services.runtime.stage import StageSettings
 
 if TYPE_CHECKING:  # the sketch imports torch; settings stay light (the operator reads them)
     from services.density.sketch import SketchParams
@@ -88,31 +88,10 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-class DensityKafkaSettings(KafkaSettings):
-    """The stage's topics: after scoring, before the trainer."""
-
-    input_topic: str = Field("sluice.scored", description="Topic of SampleBatch messages.")
-    output_topic: str = Field(
-        "sluice.sampled", description="Kept samples (pass 2, online); unused by pass 1."
-    )
-    group_id: str = Field(
-        "sluice-density", description="Consumer group base name (see DensitySettings.kafka)."
-    )
-
-
-class DensitySettings(ServiceSettings):
+class DensitySettings(StageSettings):
     """Everything the density service reads."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SLUICE_DENSITY_", env_nested_delimiter="__", extra="forbid"
-    )
-
-    kafka: DensityKafkaSettings = Field(  # type: ignore[assignment]
-        default_factory=DensityKafkaSettings,  # type: ignore[arg-type]
-        description="Worker topics. The consumer group gets a per-pass suffix "
-        "('<group>.build.<name>.v<version>', '<group>.sample.<name>.v<version>'; online mode "
-        "uses it as is) so the two passes never share committed offsets.",
-    )
+    kind = "density"
     mode: Mode = Field(
         "two_pass_sample",
         description="'two_pass_build': pass 1, sketch the input and publish a part to the "
@@ -157,6 +136,13 @@ class DensitySettings(ServiceSettings):
         description="two_pass_build: publish the part and exit after this long without input "
         "(the topic is drained). Counted from start, so it must exceed the consumer group "
         "join time (about session_timeout_ms / 2 on some brokers).",
+    )
+    sketch_wait_s: float = Field(
+        240.0,
+        ge=0,
+        description="two_pass_sample: how long to wait for the merged sketch at start (the "
+        "build Job may still be running), looking every 10 s; then fail. Nothing is served "
+        "meanwhile: keep it below the pod's startup probe budget (the chart's: 300 s).",
     )
     max_request_samples: int = Field(4096, ge=1, description="Most samples per gRPC request.")
 

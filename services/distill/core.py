@@ -21,13 +21,12 @@ from services.distill.settings import DistillSettings
 from services.runtime.backends.base import (
     Generation,
     GenerationParams,
-    Lazy,
     LMBackend,
     merge_generation,
 )
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import InvalidArgument, SluiceError
-from services.runtime.stage import StageObserver
+from services.runtime.stage import GenerativeCore, StageObserver
 
 STAGE = "distill"
 REASON_CHANGED = "teacher_response"
@@ -40,7 +39,7 @@ PROMPT_TRUNCATED_KEY = "distill.prompt_truncated"
 BackendSource = LMBackend | Callable[[], LMBackend] | None
 
 
-class DistillCore:
+class DistillCore(GenerativeCore[DistillSettings]):
     """Distils samples with one teacher model; the model loads on first use."""
 
     def __init__(
@@ -50,24 +49,13 @@ class DistillCore:
         store: ObjectStore | None = None,
         metrics: StageObserver | None = None,
     ) -> None:
-        self.settings = settings
         self.store = store
-        self.metrics = metrics
-        """Generation tokens/latency go here (bound once, every mode)."""
-        self._backend = Lazy(backend, "generate", self._default_backend)
+        super().__init__(settings, backend, metrics=metrics)
 
     @property
-    def backend(self) -> LMBackend:
-        return self._backend.get()
-
-    def _default_backend(self) -> LMBackend:
-        from services.runtime.backends.factory import create_generation_backend
-
-        return create_generation_backend(self.settings.model, self.settings.max_new_tokens_limit)
-
-    @property
-    def model_version(self) -> str:
-        return self.backend.model_version
+    def generation_cap(self) -> int:
+        """Requests may ask for up to ``max_new_tokens_limit``: the engine reserves that."""
+        return self.settings.max_new_tokens_limit
 
     @property
     def signals(self) -> Sequence[str]:
@@ -87,7 +75,7 @@ class DistillCore:
         """The configured generation settings with a request's overrides, validated; a
         request may ask for up to ``max_new_tokens_limit`` (the engine reserves that)."""
         s = self.settings
-        params = merge_generation(s.generation, overrides, cap=s.max_new_tokens_limit)
+        params = merge_generation(s.generation, overrides, cap=self.generation_cap)
         if params.top_logprobs < 1:
             raise InvalidArgument("top_k must be >= 1: distillation stores the top-k logprobs")
         return params

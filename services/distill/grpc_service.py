@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -12,6 +12,7 @@ from services.gen.sluice.distill.v1 import distill_pb2, distill_pb2_grpc
 from services.runtime.convert import sample_from_proto, sample_to_proto, validate_samples
 from services.runtime.errors import InvalidArgument
 from services.runtime.metrics import StageMetrics
+from services.runtime.registry import Register, registration
 
 SERVICE_NAME = distill_pb2.DESCRIPTOR.services_by_name["DistillService"].full_name
 
@@ -74,13 +75,7 @@ class DistillServicer(distill_pb2_grpc.DistillServiceServicer):
             yield self._distill(request)
 
 
-def register(core: DistillCore, metrics: StageMetrics) -> Callable[[grpc.Server], list[str]]:
-    """A ``register`` callback for services.runtime.grpc_server.serve."""
-
-    def _register(server: grpc.Server) -> list[str]:
-        distill_pb2_grpc.add_DistillServiceServicer_to_server(
-            DistillServicer(core, metrics), server
-        )
-        return [SERVICE_NAME]
-
-    return _register
+def register(core: DistillCore, metrics: StageMetrics) -> Register:
+    """The stage's servicer, for services.runtime.grpc_server.serve."""
+    add = distill_pb2_grpc.add_DistillServiceServicer_to_server
+    return registration(add, DistillServicer(core, metrics), SERVICE_NAME)

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from services.runtime.backends.base import GenerationParams, ModelSettings
 from services.runtime.objectstore import ObjectStoreSettings
-from services.runtime.settings import KafkaSettings, ServiceSettings, StrictModel
+from services.runtime.settings import StrictModel
+from services.runtime.stage import StageSettings
 
 KiB = 1024
-
-
-def _default_kafka() -> KafkaSettings:
-    return KafkaSettings.model_validate(
-        {
-            "input_topic": "sluice.scored",
-            "output_topic": "sluice.distilled",
-            "group_id": "sluice-distill",
-        }
-    )
 
 
 class S3Settings(ObjectStoreSettings):
@@ -54,14 +44,10 @@ class DistillGeneration(GenerationParams):
     )
 
 
-class DistillSettings(ServiceSettings):
+class DistillSettings(StageSettings):
     """The teacher model, generation defaults and limits, prompt rendering and storage."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SLUICE_DISTILL_", env_nested_delimiter="__", extra="forbid"
-    )
-
-    kafka: KafkaSettings = Field(default_factory=_default_kafka)
+    kind = "distill"
     model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
     generation: DistillGeneration = Field(
         default_factory=DistillGeneration,  # type: ignore[arg-type]

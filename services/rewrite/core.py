@@ -17,7 +17,7 @@ Pure logic on domain objects; the gRPC servicer, the Kafka stage and local runs 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,14 +33,12 @@ from services.rewrite.settings import TOXICITY_POLICIES, RewriteSettings, Toxici
 from services.rewrite.toxicity import Lexicon, Source, ToxicityChecker, ToxicityJudge, Verdict
 from services.runtime.backends.base import (
     GenerationParams,
-    Lazy,
-    LMBackend,
     merge_generation,
 )
-from services.runtime.backends.embeddings import Embedder
+from services.runtime.backends.embeddings import EmbeddingSettings
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import InvalidArgument
-from services.runtime.stage import StageObserver
+from services.runtime.stage import GenerativeCore
 
 STAGE = "rewrite"
 TargetField = Literal["text", "response"]
@@ -84,26 +82,18 @@ def target(sample: Sample) -> tuple[TargetField, str]:
     return "response", sample.response
 
 
-class RewriteCore:
+class RewriteCore(GenerativeCore[RewriteSettings]):
     """Rewrites samples; the LM backend and the embedder are created on first use."""
 
-    def __init__(
-        self,
-        settings: RewriteSettings,
-        backend: LMBackend | Callable[[], LMBackend] | None = None,
-        embedder: Embedder | Callable[[], Embedder] | None = None,
-        metrics: StageObserver | None = None,
-    ) -> None:
-        self.settings = settings
-        self._backend = Lazy(backend, "generate", self._default_backend)
-        self._embedder = Lazy(embedder, "embed", self._default_embedder)
-        self.metrics = metrics
-        """Generation tokens/latency and per-step counts go here (bound once, every mode)."""
-        tox = settings.toxicity
+    def setup(self) -> None:
+        tox = self.settings.toxicity
         self.lexicon = Lexicon.from_sources(tox.terms, tox.terms_file)
-        self.guard = DriftGuard(settings.drift, self._get_embedder)
+        self.guard = DriftGuard(self.settings.drift, lambda: self.embedder)
         self._checker: ToxicityChecker | None = None
         self.default_options = self.options()
+
+    def embedding_settings(self) -> EmbeddingSettings:
+        return self.settings.drift.embedding
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -117,29 +107,6 @@ class RewriteCore:
     @property
     def signals(self) -> Sequence[str]:
         return ["toxicity"] if self.settings.toxicity.enabled else []
-
-    @property
-    def backend(self) -> LMBackend:
-        return self._backend.get()
-
-    @property
-    def model_version(self) -> str:
-        return self.backend.model_version
-
-    def _default_backend(self) -> LMBackend:
-        from services.runtime.backends.factory import create_generation_backend
-
-        return create_generation_backend(
-            self.settings.model, self.settings.generation.max_new_tokens
-        )
-
-    def _get_embedder(self) -> Embedder:
-        return self._embedder.get()
-
-    def _default_embedder(self) -> Embedder:
-        from services.runtime.backends.embeddings import create_embedder
-
-        return create_embedder(self.settings.drift.embedding)
 
     @property
     def checker(self) -> ToxicityChecker:

@@ -13,6 +13,7 @@ from services.runtime.convert import sample_from_proto, sample_to_proto, validat
 from services.runtime.domain import Action
 from services.runtime.errors import InvalidArgument
 from services.runtime.metrics import StageMetrics
+from services.runtime.registry import Register, registration
 
 SERVICE_NAME = rewrite_pb2.DESCRIPTOR.services_by_name["RewriteService"].full_name
 
@@ -73,13 +74,7 @@ class RewriteServicer(rewrite_pb2_grpc.RewriteServiceServicer):
             yield self._rewrite(request)
 
 
-def register(core: RewriteCore, metrics: StageMetrics):  # type: ignore[no-untyped-def]
-    """A ``register`` callback for services.runtime.grpc_server.serve."""
-
-    def _register(server: grpc.Server) -> list[str]:
-        rewrite_pb2_grpc.add_RewriteServiceServicer_to_server(
-            RewriteServicer(core, metrics), server
-        )
-        return [SERVICE_NAME]
-
-    return _register
+def register(core: RewriteCore, metrics: StageMetrics) -> Register:
+    """The stage's servicer, for services.runtime.grpc_server.serve."""
+    add = rewrite_pb2_grpc.add_RewriteServiceServicer_to_server
+    return registration(add, RewriteServicer(core, metrics), SERVICE_NAME)

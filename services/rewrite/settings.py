@@ -9,26 +9,16 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from services.rewrite.prompts import Preset
 from services.rewrite.toxicity import DEFAULT_TERMS, TOXICITY_QUESTION
 from services.runtime.backends.base import GenerationParams, ModelSettings
 from services.runtime.backends.embeddings import EmbeddingSettings
-from services.runtime.settings import KafkaSettings, ServiceSettings, StrictModel
+from services.runtime.settings import StrictModel
+from services.runtime.stage import StageSettings
 
 ToxicityPolicy = Literal["drop", "rewrite", "flag"]
 TOXICITY_POLICIES: tuple[ToxicityPolicy, ...] = ("drop", "rewrite", "flag")
-
-
-class RewriteKafkaSettings(KafkaSettings):
-    """The stage's topics: after scoring, before density/synthesis or the trainer."""
-
-    input_topic: str = Field("sluice.scored", description="Topic of SampleBatch messages.")
-    output_topic: str = Field(
-        "sluice.rewritten", description="Rewritten (or unchanged, kept) samples."
-    )
-    group_id: str = Field("sluice-rewrite", description="Consumer group; replicas share it.")
 
 
 class InstructionSettings(StrictModel):
@@ -136,16 +126,10 @@ class DriftSettings(StrictModel):
         return self
 
 
-class RewriteSettings(ServiceSettings):
+class RewriteSettings(StageSettings):
     """Everything the rewriting service reads."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SLUICE_REWRITE_", env_nested_delimiter="__", extra="forbid"
-    )
-
-    kafka: RewriteKafkaSettings = Field(  # type: ignore[assignment]
-        default_factory=RewriteKafkaSettings  # type: ignore[arg-type]
-    )
+    kind = "rewrite"
     model: ModelSettings = Field(
         default_factory=ModelSettings,  # type: ignore[arg-type]
         description="The generator (and toxicity judge). model.max_tokens is also the longest "

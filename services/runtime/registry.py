@@ -33,7 +33,23 @@ if TYPE_CHECKING:
     from services.runtime.settings import ServiceSettings
     from services.runtime.stage import StageCore
 
+
 Register = Callable[["grpc.Server"], list[str]]
+"""Adds a stage's servicer to a gRPC server; returns the full service names it added (for
+health and reflection): what ``services.runtime.grpc_server.serve`` calls."""
+
+
+def registration(
+    add_to_server: Callable[[Any, grpc.Server], None], servicer: object, name: str
+) -> Register:
+    """A stage's ``Register``: its servicer added with the generated ``add_*_to_server``,
+    named ``name`` (e.g. ``sluice.scoring.v1.ScoringService``)."""
+
+    def _register(server: grpc.Server) -> list[str]:
+        add_to_server(servicer, server)
+        return [name]
+
+    return _register
 
 
 class Worker(Protocol):
@@ -70,7 +86,7 @@ class StageSpec:
     settings   the pydantic-settings class (env prefix ``SLUICE_<KIND>_``)
     core       ``(settings, *, metrics) -> StageCore``: the core (class or factory) wired to
                what it needs (a store); metrics are bound at construction, in every mode
-    register   ``(core, metrics) -> register(server) -> [service names]``: the gRPC servicer
+    register   ``(core, metrics) -> Register``: the gRPC servicer (``registration``)
     worker     ``(core, settings, metrics) -> Worker`` when the stage runs more than the
                plain StageWorker (density's passes); '' = the runtime's StageWorker
     group      ``(settings) -> str``: the consumer group the worker commits, when it is not

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from services.runtime.backends.base import ModelSettings
-from services.runtime.settings import ServiceSettings, StrictModel
+from services.runtime.settings import StrictModel
+from services.runtime.stage import StageSettings
 from services.scoring.heuristics import HeuristicSettings
 from services.scoring.prompts import ASK_LLM_QUESTION
 
@@ -59,12 +59,10 @@ class PerplexitySettings(StrictModel):
     )
 
 
-class ScoringSettings(ServiceSettings):
+class ScoringSettings(StageSettings):
     """Everything the scoring service reads: model, steps, and per-step policies."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SLUICE_SCORING_", env_nested_delimiter="__", extra="forbid"
-    )
+    kind = "scoring"
 
     steps: list[Step] = Field(
         default_factory=lambda: list(STEP_ORDER),

@@ -21,21 +21,19 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from services.runtime.backends.base import (
     Generation,
     GenerationParams,
-    Lazy,
-    LMBackend,
     merge_generation,
 )
-from services.runtime.backends.embeddings import Embedder
+from services.runtime.backends.embeddings import EmbeddingSettings
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
 from services.runtime.errors import InvalidArgument
-from services.runtime.stage import StageObserver
+from services.runtime.stage import GenerativeCore
 from services.synth.evol import (
     EVOL_STOP,
     build_evol_message,
@@ -120,24 +118,17 @@ def synth_id(draft: Draft, seed: int | None) -> str:
     return "syn-" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-class SynthCore:
+class SynthCore(GenerativeCore[SynthSettings]):
     """Generates samples from seeds; backend and embedder are created on first use."""
 
-    def __init__(
-        self,
-        settings: SynthSettings,
-        backend: LMBackend | Callable[[], LMBackend] | None = None,
-        embedder: Embedder | Callable[[], Embedder] | None = None,
-        metrics: StageObserver | None = None,
-    ) -> None:
-        self.settings = settings
-        self._backend = Lazy(backend, "generate", self._default_backend)
-        self._embedder = Lazy(embedder, "embed", self._default_embedder)
-        self.metrics = metrics
-        """Generation tokens/latency and per-step counts go here (bound once, every mode)."""
-        self.pool = InstructionPool(settings.seed_instructions, settings.pool_size)
-        self.memory = NearDupMemory(settings.near_dup.capacity, settings.near_dup.threshold)
+    def setup(self) -> None:
+        s = self.settings
+        self.pool = InstructionPool(s.seed_instructions, s.pool_size)
+        self.memory = NearDupMemory(s.near_dup.capacity, s.near_dup.threshold)
         self.default_options = self.options()
+
+    def embedding_settings(self) -> EmbeddingSettings:
+        return self.settings.near_dup.embedding
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -151,30 +142,6 @@ class SynthCore:
     def signals(self) -> Sequence[str]:
         gates = self.settings.gates
         return [s for s, on in (("ask_llm", gates.ask_llm), ("ifd", gates.ifd)) if on]
-
-    @property
-    def backend(self) -> LMBackend:
-        return self._backend.get()
-
-    @property
-    def model_version(self) -> str:
-        return self.backend.model_version
-
-    def _default_backend(self) -> LMBackend:
-        from services.runtime.backends.factory import create_generation_backend
-
-        return create_generation_backend(
-            self.settings.model, self.settings.generation.max_new_tokens
-        )
-
-    @property
-    def embedder(self) -> Embedder:
-        return self._embedder.get()
-
-    def _default_embedder(self) -> Embedder:
-        from services.runtime.backends.embeddings import create_embedder
-
-        return create_embedder(self.settings.near_dup.embedding)
 
     def options(
         self,

@@ -11,6 +11,7 @@ from services.gen.sluice.synth.v1 import synth_pb2, synth_pb2_grpc
 from services.runtime.convert import sample_from_proto, sample_to_proto, validate_samples
 from services.runtime.errors import InvalidArgument
 from services.runtime.metrics import StageMetrics
+from services.runtime.registry import Register, registration
 from services.synth.core import SynthCore
 
 SERVICE_NAME = synth_pb2.DESCRIPTOR.services_by_name["SynthService"].full_name
@@ -67,11 +68,7 @@ class SynthServicer(synth_pb2_grpc.SynthServiceServicer):
             yield self._synthesize(request)
 
 
-def register(core: SynthCore, metrics: StageMetrics):  # type: ignore[no-untyped-def]
-    """A ``register`` callback for services.runtime.grpc_server.serve."""
-
-    def _register(server: grpc.Server) -> list[str]:
-        synth_pb2_grpc.add_SynthServiceServicer_to_server(SynthServicer(core, metrics), server)
-        return [SERVICE_NAME]
-
-    return _register
+def register(core: SynthCore, metrics: StageMetrics) -> Register:
+    """The stage's servicer, for services.runtime.grpc_server.serve."""
+    add = synth_pb2_grpc.add_SynthServiceServicer_to_server
+    return registration(add, SynthServicer(core, metrics), SERVICE_NAME)

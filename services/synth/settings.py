@@ -9,27 +9,17 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from services.runtime.backends.base import GenerationParams, ModelSettings
 from services.runtime.backends.embeddings import EmbeddingSettings
-from services.runtime.settings import KafkaSettings, ServiceSettings, StrictModel
+from services.runtime.settings import StrictModel
+from services.runtime.stage import StageSettings
 from services.synth.evol import EvolOp
 from services.synth.self_instruct import DEFAULT_SEED_INSTRUCTIONS
 
 Method = Literal["grounded_qa", "self_instruct", "evol"]
 METHODS: tuple[Method, ...] = ("grounded_qa", "self_instruct", "evol")
 DEFAULT_EVOL_OPS: tuple[EvolOp, ...] = ("deepen", "broaden", "concretize")
-
-
-class SynthKafkaSettings(KafkaSettings):
-    """The stage's topics: documents and instructions in, seeds plus generated samples out."""
-
-    input_topic: str = Field("sluice.scored", description="Topic of SampleBatch messages.")
-    output_topic: str = Field(
-        "sluice.synth", description="Generated samples (and the seeds, if forwarded)."
-    )
-    group_id: str = Field("sluice-synth", description="Consumer group; replicas share it.")
 
 
 class LengthSettings(StrictModel):
@@ -81,16 +71,10 @@ class GateSettings(StrictModel):
     )
 
 
-class SynthSettings(ServiceSettings):
+class SynthSettings(StageSettings):
     """Everything the synthesis service reads."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SLUICE_SYNTH_", env_nested_delimiter="__", extra="forbid"
-    )
-
-    kafka: SynthKafkaSettings = Field(  # type: ignore[assignment]
-        default_factory=SynthKafkaSettings  # type: ignore[arg-type]
-    )
+    kind = "synth"
     model: ModelSettings = Field(
         default_factory=ModelSettings,  # type: ignore[arg-type]
         description="The generator. Seed documents are cut to model.max_tokens (head kept).",

@@ -20,7 +20,6 @@ from pydantic import SecretStr
 
 from services.density.core import REASON_SUBSAMPLED, SCORE_DENSITY, SCORE_WEIGHT, DensityCore
 from services.density.settings import (
-    DensityKafkaSettings,
     DensitySettings,
     Mode,
     SketchSettings,
@@ -32,6 +31,7 @@ from services.runtime.backends.embeddings import EmbeddingSettings, SentenceTran
 from services.runtime.domain import Action, Sample
 from services.runtime.kafka_stage import ensure_topics, publish
 from services.runtime.metrics import StageMetrics
+from services.runtime.settings import KafkaSettings
 from tests.integration.kafka_util import decode_all, unique
 from tests.support.servers import Server
 from tests.unit.density.mixture import mixture
@@ -67,7 +67,7 @@ def _settings(
     ingest, sampled, dropped = topics
     return DensitySettings(
         mode=mode,
-        kafka=DensityKafkaSettings(
+        kafka=KafkaSettings(
             bootstrap_servers=bootstrap,
             input_topic=ingest,
             output_topic=sampled,
