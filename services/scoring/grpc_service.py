@@ -7,12 +7,7 @@ from collections.abc import Iterator
 import grpc
 
 from services.gen.sluice.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from services.runtime.convert import (
-    check_response_room,
-    sample_from_proto,
-    sample_to_proto,
-    validate_samples,
-)
+from services.runtime.convert import sample_from_proto, sample_to_proto, validate_samples
 from services.runtime.errors import InvalidArgument
 from services.runtime.metrics import StageMetrics
 from services.runtime.registry import Register, registration
@@ -35,7 +30,6 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 f"{len(request.samples)} samples in one request, limit {self.max_samples}; "
                 "use ScoreStream for large jobs"
             )
-        check_response_room(request.samples, self.core.settings.grpc.max_message_bytes)
         samples = [sample_from_proto(m) for m in request.samples]
         validate_samples(samples)
         steps = self.core.resolve_steps(list(request.signals))
