@@ -251,10 +251,22 @@ def test_credentials_come_only_from_secret_references(
             }
 
 
+def _resolve(env: dict[str, Any], secrets: dict[str, str], pod_name: str) -> str:
+    """An EnvVar's value as the kubelet gives it: Secret keys from ``secrets``, the pod name
+    from the downward API."""
+    ref = env.get("valueFrom")
+    if ref is None:
+        return str(env["value"])
+    if "secretKeyRef" in ref:
+        return secrets[ref["secretKeyRef"]["key"]]
+    assert ref == {"fieldRef": {"fieldPath": "metadata.name"}}, env
+    return pod_name
+
+
 def test_no_credentials_without_a_secret() -> None:
     objs = render("stages.distill.enabled=true", "s3.endpoint=minio:9000")
     (c,) = objs[("Deployment", "sluice-distill")]["spec"]["template"]["spec"]["containers"]
-    assert not [e for e in c["env"] if "valueFrom" in e]
+    assert not [e for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})]
     # The store is still configured: a MinIO without auth (or IRSA-style credentials) works.
     config = yaml.safe_load(objs[("ConfigMap", "sluice-distill")]["data"]["config.yaml"])
     assert config["topk_store"]["s3"]["endpoint"] == "minio:9000"
@@ -296,8 +308,7 @@ def test_stage_config_and_env_are_accepted_by_the_service(
     pod = gpu_objs[("Deployment", name)]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     for e in c["env"]:
-        value = e["valueFrom"]["secretKeyRef"]["key"] if "valueFrom" in e else None
-        monkeypatch.setenv(e["name"], secret[value] if value else e["value"])
+        monkeypatch.setenv(e["name"], _resolve(e, secret, pod_name=f"{name}-7d9f-x2x4q"))
     config = tmp_path / "config.yaml"
     config.write_text(gpu_objs[("ConfigMap", name)]["data"]["config.yaml"])
     # The file is mounted where --config points.
@@ -310,6 +321,11 @@ def test_stage_config_and_env_are_accepted_by_the_service(
     assert settings.kafka.output_topic == spec["topics"]["output"]
     assert settings.kafka.group_id == f"sluice-{stage}"
     assert (settings.grpc.port, settings.metrics.port) == (50051, 9100)
+    # The pod's name is the worker's stable identity; the delivery guarantee is the chart's.
+    assert settings.kafka.instance_id == f"{name}-7d9f-x2x4q"
+    assert settings.kafka.processing_guarantee == gpu_values["kafka"].get(
+        "processingGuarantee", "exactly_once"
+    )
     if stage in S3_BLOCK:
         store: Any = settings
         for part in S3_BLOCK[stage]:
@@ -338,8 +354,10 @@ def _stage_topics(objs: dict[Key, dict[str, Any]]) -> set[str]:
         cfg = yaml.safe_load(o["data"]["config.yaml"])
         k = cfg["kafka"]
         topics |= {k["input_topic"], k["output_topic"], k["dlq_topic"] or f"{k['input_topic']}.dlq"}
-        if cfg.get("dropped_topic"):
-            topics.add(cfg["dropped_topic"])
+        # Drops are recorded by default (ServiceSettings.dropped_topic_name).
+        dropped = str(cfg.get("dropped_topic") or f"{k['output_topic']}.dropped")
+        if dropped.lower() != "none":
+            topics.add(dropped)
     return topics
 
 
@@ -372,6 +390,8 @@ def test_topics_job_creates_every_stage_topic(
     assert args.partitions == (gpu_values["topics"]["partitions"] if which == "gpu" else 4)
     bootstrap = gpu_values["kafka"]["bootstrapServers"] if which == "gpu" else "kafka:9092"
     assert args.bootstrap == bootstrap
+    # Created topics take the chart's message limit, not the broker's default.
+    assert args.topic_config == ["max.message.bytes=8388608"]
 
 
 def test_topics_job_off() -> None:
@@ -514,8 +534,29 @@ def test_dashboards_configmap(gpu_objs: dict[Key, dict[str, Any]]) -> None:
 
 def test_observability_objects_are_opt_in(default_objs: dict[Key, dict[str, Any]]) -> None:
     kinds = {k for k, _ in default_objs}
-    assert not kinds & {"ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule"}
     assert ("ConfigMap", "sluice-dashboards") not in default_objs
+
+
+def test_network_policies_are_on_by_default_and_let_the_stage_work(
+    default_objs: dict[Key, dict[str, Any]],
+) -> None:
+    """Off by default was a defect (issue 12): the default policies still allow what a
+    stage needs: DNS, the brokers' port, gRPC from the namespace, and scrapes."""
+    policies = _by_kind(default_objs, "NetworkPolicy")
+    workloads = {n for (k, n) in default_objs if k in ("Deployment", "Job")}
+    assert set(policies) == workloads == {"sluice-scoring", "sluice-topics"}
+    spec = policies["sluice-scoring"]["spec"]
+    egress = {(p["port"], p["protocol"]): r.get("to") for r in spec["egress"] for p in r["ports"]}
+    assert egress == {(53, "UDP"): None, (53, "TCP"): None, (9092, "TCP"): None}
+    ingress = {p["port"]: r.get("from") for r in spec["ingress"] for p in r["ports"]}
+    assert ingress["grpc"] == [{"podSelector": {}}]
+    # Prometheus in the monitoring namespace or the release's own may scrape.
+    assert {"podSelector": {}} in ingress["metrics"]
+    assert {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    } in ingress["metrics"]
+    assert policies["sluice-topics"]["spec"]["ingress"] == []
 
 
 # -- labels and selectors --------------------------------------------------------------------
@@ -771,3 +812,185 @@ def test_online_density_needs_no_store_and_no_build_job() -> None:
     objs = render("stages.density.enabled=true", "stages.density.config.mode=online")
     assert set(_by_kind(objs, "Job")) == {"sluice-topics"}
     assert "build.yaml" not in objs[("ConfigMap", "sluice-density")]["data"]
+
+
+# -- transport security by Secret reference ---------------------------------------------------
+
+SECURITY_VALUES = CHART / "ci" / "security-values.yaml"
+
+
+@pytest.fixture(scope="module")
+def security_objs() -> dict[Key, dict[str, Any]]:
+    return render(values_files=(SECURITY_VALUES,))
+
+
+def _secret_files(pod: dict[str, Any], c: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Path -> (Secret, key) of every file a container sees from a Secret volume."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    files = {}
+    for m in c["volumeMounts"]:
+        secret = volumes[m["name"]].get("secret")
+        if secret is None:
+            continue
+        assert m["readOnly"] is True
+        assert secret["defaultMode"] == 0o440  # group-readable: the pods' fsGroup
+        for item in secret["items"]:
+            files[f"{m['mountPath']}/{item['path']}"] = (secret["secretName"], item["key"])
+    return files
+
+
+def test_security_objects_validate_strictly(security_objs: dict[Key, dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    for obj in security_objs.values():
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
+            kubernetes_validate.validate(obj, "1.33.0", strict=True)
+
+
+def test_every_kafka_client_gets_the_security_files(
+    security_objs: dict[Key, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each Kafka client of the release (stages, the operator, the topics Job) is told the
+    protocol, mechanism and user, and finds each file its settings name in the Secret the
+    values name; nothing secret travels as a value."""
+    from operators.settings import OperatorSettings
+    from services.runtime.settings import KafkaClientEnv, load_settings
+
+    values = yaml.safe_load(SECURITY_VALUES.read_text())
+    sec = values["kafka"]["security"]
+    want_files = {
+        "CA_FILE": (sec["caSecret"]["name"], sec["caSecret"]["key"]),
+        "CERT_FILE": (sec["clientCertSecret"]["name"], sec["clientCertSecret"]["certKey"]),
+        "KEY_FILE": (sec["clientCertSecret"]["name"], sec["clientCertSecret"]["keyKey"]),
+        "SASL_PASSWORD_FILE": (
+            sec["sasl"]["passwordSecret"]["name"],
+            sec["sasl"]["passwordSecret"]["key"],
+        ),
+    }
+    clients = {
+        "sluice-scoring": "SLUICE_SCORING_KAFKA__SECURITY__",
+        "sluice-density": "SLUICE_DENSITY_KAFKA__SECURITY__",
+        "sluice-operator": "SLUICE_OPERATOR_KAFKA__SECURITY__",
+        "sluice-topics": "SLUICE_KAFKA_SECURITY__",
+    }
+    pods = {n: p for (_, n), p in pod_specs(security_objs).items()}
+    assert set(pods) == set(clients)
+    for name, prefix in clients.items():
+        pod = pods[name]
+        (c,) = pod["containers"]
+        env = {e["name"]: e for e in c["env"]}
+        files = _secret_files(pod, c)
+        mine = {n.removeprefix(prefix): e["value"] for n, e in env.items() if n.startswith(prefix)}
+        assert mine["PROTOCOL"] == "SASL_SSL", name
+        assert mine["SASL_MECHANISM"] == "SCRAM-SHA-512", name
+        assert mine["SASL_USERNAME"] == "sluice", name
+        for field, ref in want_files.items():
+            assert files[mine[field]] == ref, (name, field)
+        for n, e in env.items():  # secrets by reference or as files, never as values
+            if any(w in n for w in SECRETISH) and not n.endswith("_FILE"):
+                assert "value" not in e, (name, n)
+
+    # The settings classes accept what the chart sets.
+    for n, e in {e["name"]: e for e in pods["sluice-operator"]["containers"][0]["env"]}.items():
+        monkeypatch.setenv(n, _resolve(e, {}, pod_name="op"))
+    op = OperatorSettings()
+    assert op.kafka.security.protocol == "SASL_SSL"
+    assert op.kafka.security.ca_file == "/etc/sluice-kafka/ca/ca.crt"
+    for n, e in {e["name"]: e for e in pods["sluice-topics"]["containers"][0]["env"]}.items():
+        monkeypatch.setenv(n, _resolve(e, {}, pod_name="topics"))
+    assert KafkaClientEnv().security.sasl_password_file == "/etc/sluice-kafka/sasl/password"
+
+    from services.density.settings import DensitySettings
+
+    (c,) = pods["sluice-density"]["containers"]
+    for e in c["env"]:
+        monkeypatch.setenv(e["name"], _resolve(e, {}, pod_name="sluice-density-abc"))
+    config = tmp_path / "config.yaml"
+    config.write_text(security_objs[("ConfigMap", "sluice-density")]["data"]["config.yaml"])
+    density = load_settings(DensitySettings, config)
+    assert density.kafka.security.protocol == "SASL_SSL"
+    assert density.kafka.security.key_file == "/etc/sluice-kafka/client/tls.key"
+    assert density.kafka.instance_id == "sluice-density-abc"
+    assert density.dropped_topic_name == ""  # dropped_topic: none
+
+
+def test_grpc_tls_and_token_by_secret_reference(security_objs: dict[Key, dict[str, Any]]) -> None:
+    """A stage serving gRPC gets the certificate, client CA and token files and the settings
+    that name them; a worker-only stage none of it. Kubelet cannot probe gRPC over TLS, so
+    such pods are probed on /metrics."""
+    values = yaml.safe_load(SECURITY_VALUES.read_text())["grpc"]
+    pods = {n: p for (_, n), p in pod_specs(security_objs).items()}
+    pod = pods["sluice-scoring"]
+    (c,) = pod["containers"]
+    files = _secret_files(pod, c)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    p = "SLUICE_SCORING_GRPC__"
+    assert env[f"{p}TLS__ENABLED"] == "true"
+    tls = values["tls"]
+    assert files[env[f"{p}TLS__CERT_FILE"]] == (
+        tls["certSecret"]["name"],
+        tls["certSecret"]["certKey"],
+    )
+    assert files[env[f"{p}TLS__KEY_FILE"]] == (
+        tls["certSecret"]["name"],
+        tls["certSecret"]["keyKey"],
+    )
+    assert files[env[f"{p}TLS__CLIENT_CA_FILE"]] == (
+        tls["clientCaSecret"]["name"],
+        tls["clientCaSecret"]["key"],
+    )
+    token = values["authTokenSecret"]
+    assert files[env[f"{p}AUTH_TOKEN_FILE"]] == (token["name"], token["key"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+
+    (worker,) = pods["sluice-density"]["containers"]
+    assert not [e for e in worker["env"] if "_GRPC__" in e["name"]]
+    assert not [f for f in _secret_files(pods["sluice-density"], worker) if "grpc" in f]
+
+    from services.runtime.settings import GrpcSettings
+
+    if "tls" in GrpcSettings.model_fields:  # the gRPC TLS settings (services/runtime)
+        grpc = GrpcSettings.model_validate(
+            {
+                "tls": {
+                    "enabled": True,
+                    "cert_file": env[f"{p}TLS__CERT_FILE"],
+                    "key_file": env[f"{p}TLS__KEY_FILE"],
+                    "client_ca_file": env[f"{p}TLS__CLIENT_CA_FILE"],
+                },
+                "auth_token_file": env[f"{p}AUTH_TOKEN_FILE"],
+            }
+        )
+        assert grpc.tls.enabled
+
+
+def test_plaintext_defaults_mount_no_secrets(default_objs: dict[Key, dict[str, Any]]) -> None:
+    for key, pod in pod_specs(default_objs).items():
+        for c in pod["containers"]:
+            assert not _secret_files(pod, c), key
+            assert not [e for e in c["env"] if "_SECURITY__" in e["name"]], key
+    # gRPC stays probed natively without TLS.
+    (c,) = default_objs[("Deployment", "sluice-scoring")]["spec"]["template"]["spec"]["containers"]
+    assert c["readinessProbe"]["grpc"] == {"port": 50051}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["kafka.security.protocol=SASL_SSL"], "needs sasl.username and sasl.passwordSecret"),
+        (
+            ["kafka.security.protocol=SASL_PLAINTEXT", "kafka.security.sasl.username=u"],
+            "needs sasl.username and sasl.passwordSecret",
+        ),
+        (["kafka.security.caSecret.name=ca"], "has no TLS"),
+        (["grpc.tls.enabled=true"], "needs grpc.tls.certSecret.name"),
+        (["grpc.tls.clientCaSecret.name=ca"], "grpc.tls.enabled is false"),
+        (["kafka.security.protocol=TLS"], "protocol"),
+        (["kafka.processingGuarantee=at_most_once"], "processingGuarantee"),
+        (["kafka.security.sasl.passwordSecret.password=abc"], "password"),
+    ],
+)
+def test_security_values_that_cannot_work_fail_the_render(values: list[str], message: str) -> None:
+    with pytest.raises(subprocess.CalledProcessError, match=message):
+        render(*values)

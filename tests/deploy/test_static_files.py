@@ -324,6 +324,8 @@ def test_rendered_deployment_is_restricted_and_probed() -> None:
         ("Service", "sluice-scoring"),
         ("Deployment", "sluice-scoring"),
         ("Job", "sluice-topics"),
+        ("NetworkPolicy", "sluice-scoring"),
+        ("NetworkPolicy", "sluice-topics"),
     }
     deploy = objs[("Deployment", "sluice-scoring")]
     assert deploy["metadata"]["namespace"] == "curation"

@@ -74,7 +74,8 @@ topics, group, ports: the probes and Service depend on the ports).
         "input_topic" $spec.topics.input
         "output_topic" $spec.topics.output
         "dlq_topic" (default "" $spec.topics.dlq)
-        "group_id" $spec.group)
+        "group_id" $spec.group
+        "processing_guarantee" .root.Values.kafka.processingGuarantee)
       "grpc" (dict "port" 50051)
       "metrics" (dict "port" 9100 "enabled" true) }}
 {{- $config := mustMergeOverwrite (deepCopy (default (dict) $spec.config)) $owned }}
@@ -236,6 +237,23 @@ env:
   # Object-store credentials, by reference to s3.existingSecret.
   {{- . | nindent 2 }}
   {{- end }}
+  {{- $prefix := include "sluice.envPrefix" .stage }}
+  {{- with include "sluice.kafkaSecurityEnv" (dict "root" .root "prefix" (printf "%sKAFKA__SECURITY__" $prefix)) | trim }}
+  # Kafka TLS/SASL (kafka.security): files from the mounted Secrets.
+  {{- . | nindent 2 }}
+  {{- end }}
+  # The pod's name is the worker's stable identity (static group membership, transactional
+  # id): a container restarted in this pod fences its killed predecessor at once.
+  - name: {{ $prefix }}KAFKA__INSTANCE_ID
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.name
+  {{- if .grpc }}
+  {{- with include "sluice.grpcSecurityEnv" (dict "root" .root "prefix" (printf "%sGRPC__" $prefix)) | trim }}
+  # gRPC TLS and token (grpc.*): files from the mounted Secrets.
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- end }}
   {{- with $spec.env }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -259,6 +277,7 @@ volumeMounts:
   - name: dshm
     mountPath: /dev/shm
   {{- end }}
+  {{- include "sluice.secretMounts" . | nindent 2 }}
 {{- end }}
 
 {{/*
@@ -291,6 +310,7 @@ volumes:
       medium: Memory
       sizeLimit: {{ $spec.shmSizeLimit }}
   {{- end }}
+  {{- include "sluice.secretVolumes" . | nindent 2 }}
 {{- with $spec.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -311,15 +331,26 @@ tolerations:
 {{- end }}
 
 {{/*
-Every topic the enabled stages read or write (input, output, dead-letter, config
-dropped_topic) plus topics.extra: sorted, without repeats, one per line.
+The dropped-samples topic of a stage spec, as ServiceSettings.dropped_topic_name has it:
+config.dropped_topic, "" = "<output>.dropped", "none" = no topic ("").
+*/}}
+{{- define "sluice.droppedTopic" -}}
+{{- $dropped := toString (default "" (default (dict) .config).dropped_topic) }}
+{{- if ne (lower $dropped) "none" }}
+{{- default (printf "%s.dropped" .topics.output) $dropped }}
+{{- end }}
+{{- end }}
+
+{{/*
+Every topic the enabled stages read or write (input, output, dead-letter, dropped samples)
+plus topics.extra: sorted, without repeats, one per line.
 */}}
 {{- define "sluice.topicList" -}}
 {{- $topics := list }}
 {{- range $stage, $spec := .Values.stages }}
 {{- if $spec.enabled }}
 {{- $topics = concat $topics (list $spec.topics.input $spec.topics.output (include "sluice.dlqTopic" $spec)) }}
-{{- with (default (dict) $spec.config).dropped_topic }}
+{{- with include "sluice.droppedTopic" $spec }}
 {{- $topics = append $topics . }}
 {{- end }}
 {{- end }}
@@ -352,4 +383,168 @@ namespace="{{ .root.Release.Namespace }}", job="{{ include "sluice.stageFullname
 {{- $titles = append $titles (($.Files.Get $path | fromJson).title | default $path | quote) }}
 {{- end }}
 {{- $titles | join ", " }}
+{{- end }}
+
+{{/*
+Transport security, by reference to Secrets only. Secret files are mounted read-only (group
+readable: the pods' fsGroup) at fixed paths, and the settings name the paths:
+
+  /etc/sluice-kafka/ca/ca.crt            kafka.security.caSecret
+  /etc/sluice-kafka/client/tls.crt|key   kafka.security.clientCertSecret
+  /etc/sluice-kafka/sasl/password        kafka.security.sasl.passwordSecret
+  /etc/sluice-grpc/tls/tls.crt|key       grpc.tls.certSecret
+  /etc/sluice-grpc/client-ca/ca.crt      grpc.tls.clientCaSecret
+  /etc/sluice-grpc/token/token           grpc.authTokenSecret
+
+Each Kafka client container gets the Kafka ones; a stage container serving gRPC (".grpc" in
+its context) also the gRPC ones. Values that cannot work fail the render (sluice.checkSecurity).
+*/}}
+
+{{/* The files of the Secrets a container mounts: list of (volume, secret, key, path). */}}
+{{- define "sluice.secretFiles" -}}
+{{- $files := list }}
+{{- $sec := .root.Values.kafka.security }}
+{{- if has $sec.protocol (list "SSL" "SASL_SSL") }}
+{{- with $sec.caSecret.name }}
+{{- $files = append $files (list "kafka-ca" . $sec.caSecret.key "/etc/sluice-kafka/ca/ca.crt") }}
+{{- end }}
+{{- with $sec.clientCertSecret.name }}
+{{- $files = append $files (list "kafka-client-cert" . $sec.clientCertSecret.certKey "/etc/sluice-kafka/client/tls.crt") }}
+{{- $files = append $files (list "kafka-client-cert" . $sec.clientCertSecret.keyKey "/etc/sluice-kafka/client/tls.key") }}
+{{- end }}
+{{- end }}
+{{- if hasPrefix "SASL_" $sec.protocol }}
+{{- $files = append $files (list "kafka-sasl" $sec.sasl.passwordSecret.name $sec.sasl.passwordSecret.key "/etc/sluice-kafka/sasl/password") }}
+{{- end }}
+{{- if .grpc }}
+{{- $g := .root.Values.grpc }}
+{{- if $g.tls.enabled }}
+{{- $files = append $files (list "grpc-tls" $g.tls.certSecret.name $g.tls.certSecret.certKey "/etc/sluice-grpc/tls/tls.crt") }}
+{{- $files = append $files (list "grpc-tls" $g.tls.certSecret.name $g.tls.certSecret.keyKey "/etc/sluice-grpc/tls/tls.key") }}
+{{- with $g.tls.clientCaSecret.name }}
+{{- $files = append $files (list "grpc-client-ca" . $g.tls.clientCaSecret.key "/etc/sluice-grpc/client-ca/ca.crt") }}
+{{- end }}
+{{- end }}
+{{- with $g.authTokenSecret.name }}
+{{- $files = append $files (list "grpc-token" . $g.authTokenSecret.key "/etc/sluice-grpc/token/token") }}
+{{- end }}
+{{- end }}
+{{- toJson $files }}
+{{- end }}
+
+{{/* volumeMounts entries for sluice.secretFiles: one directory per volume. */}}
+{{- define "sluice.secretMounts" -}}
+{{- $seen := dict }}
+{{- range (include "sluice.secretFiles" . | fromJsonArray) }}
+{{- $volume := index . 0 }}
+{{- if not (hasKey $seen $volume) }}
+{{- $_ := set $seen $volume true }}
+- name: {{ $volume }}
+  mountPath: {{ dir (index . 3) }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* volumes entries for sluice.secretFiles: a Secret volume with only the named keys. */}}
+{{- define "sluice.secretVolumes" -}}
+{{- $volumes := dict }}
+{{- $order := list }}
+{{- range (include "sluice.secretFiles" . | fromJsonArray) }}
+{{- $volume := index . 0 }}
+{{- if not (hasKey $volumes $volume) }}
+{{- $_ := set $volumes $volume (dict "secret" (index . 1) "items" (list)) }}
+{{- $order = append $order $volume }}
+{{- end }}
+{{- $v := get $volumes $volume }}
+{{- $_ := set $v "items" (append $v.items (dict "key" (index . 2) "path" (base (index . 3)))) }}
+{{- end }}
+{{- range $order }}
+{{- $v := get $volumes . }}
+- name: {{ . }}
+  secret:
+    secretName: {{ $v.secret }}
+    defaultMode: 0440
+    items:
+      {{- toYaml $v.items | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/*
+EnvVar entries of kafka.security for a settings block at .prefix (e.g.
+"SLUICE_SCORING_KAFKA__SECURITY__"); empty for PLAINTEXT. Paths as in sluice.secretFiles.
+*/}}
+{{- define "sluice.kafkaSecurityEnv" -}}
+{{- $sec := .root.Values.kafka.security }}
+{{- if ne $sec.protocol "PLAINTEXT" }}
+- name: {{ .prefix }}PROTOCOL
+  value: {{ $sec.protocol | quote }}
+{{- if has $sec.protocol (list "SSL" "SASL_SSL") }}
+- name: {{ .prefix }}CHECK_HOSTNAME
+  value: {{ $sec.checkHostname | quote }}
+{{- if $sec.caSecret.name }}
+- name: {{ .prefix }}CA_FILE
+  value: /etc/sluice-kafka/ca/ca.crt
+{{- end }}
+{{- if $sec.clientCertSecret.name }}
+- name: {{ .prefix }}CERT_FILE
+  value: /etc/sluice-kafka/client/tls.crt
+- name: {{ .prefix }}KEY_FILE
+  value: /etc/sluice-kafka/client/tls.key
+{{- end }}
+{{- end }}
+{{- if hasPrefix "SASL_" $sec.protocol }}
+- name: {{ .prefix }}SASL_MECHANISM
+  value: {{ $sec.sasl.mechanism | quote }}
+- name: {{ .prefix }}SASL_USERNAME
+  value: {{ $sec.sasl.username | quote }}
+- name: {{ .prefix }}SASL_PASSWORD_FILE
+  value: /etc/sluice-kafka/sasl/password
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+EnvVar entries of the grpc values for a stage's gRPC settings at .prefix (e.g.
+"SLUICE_SCORING_GRPC__"): services/runtime/settings.py GrpcSettings.tls and auth_token_file.
+*/}}
+{{- define "sluice.grpcSecurityEnv" -}}
+{{- $g := .root.Values.grpc }}
+{{- if $g.tls.enabled }}
+- name: {{ .prefix }}TLS__ENABLED
+  value: "true"
+- name: {{ .prefix }}TLS__CERT_FILE
+  value: /etc/sluice-grpc/tls/tls.crt
+- name: {{ .prefix }}TLS__KEY_FILE
+  value: /etc/sluice-grpc/tls/tls.key
+{{- if $g.tls.clientCaSecret.name }}
+- name: {{ .prefix }}TLS__CLIENT_CA_FILE
+  value: /etc/sluice-grpc/client-ca/ca.crt
+{{- end }}
+{{- end }}
+{{- if $g.authTokenSecret.name }}
+- name: {{ .prefix }}AUTH_TOKEN_FILE
+  value: /etc/sluice-grpc/token/token
+{{- end }}
+{{- end }}
+
+{{/* Fail on security values the services would refuse, before anything is deployed. */}}
+{{- define "sluice.checkSecurity" -}}
+{{- $sec := .Values.kafka.security }}
+{{- $tls := has $sec.protocol (list "SSL" "SASL_SSL") }}
+{{- if and (not $tls) (or $sec.caSecret.name $sec.clientCertSecret.name) }}
+{{- fail (printf "kafka.security: caSecret/clientCertSecret are set but protocol %s has no TLS (use SSL or SASL_SSL)" $sec.protocol) }}
+{{- end }}
+{{- if hasPrefix "SASL_" $sec.protocol }}
+{{- if not (and $sec.sasl.username $sec.sasl.passwordSecret.name) }}
+{{- fail (printf "kafka.security: protocol %s needs sasl.username and sasl.passwordSecret.name" $sec.protocol) }}
+{{- end }}
+{{- end }}
+{{- $g := .Values.grpc.tls }}
+{{- if and $g.enabled (not $g.certSecret.name) }}
+{{- fail "grpc.tls.enabled needs grpc.tls.certSecret.name (the server certificate and key)" }}
+{{- end }}
+{{- if and (not $g.enabled) $g.clientCaSecret.name }}
+{{- fail "grpc.tls.clientCaSecret is set but grpc.tls.enabled is false: the stages would serve cleartext" }}
+{{- end }}
 {{- end }}
