@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -227,14 +227,6 @@ def worker_env(
     }
 
 
-@dataclass
-class Tally:
-    """What a read_committed reader saw."""
-
-    seen: Counter[str] = field(default_factory=Counter)
-    dead_letters: list[str] = field(default_factory=list)
-
-
 def read_committed(bootstrap: str, topics: list[str], quiet_s: float = 3.0) -> list[Any]:
     consumer = KafkaConsumer(
         *topics,
@@ -401,6 +393,42 @@ def throughput(bootstrap: str, samples: list[Sample], guarantee: str) -> float:
     return stats.samples_in / max(1e-9, stats.busy_seconds)
 
 
+def recovery(bootstrap: str, samples: list[Sample], stable_id: bool, logdir: Path) -> float:
+    """Seconds from SIGKILL of a worker mid-stream to the first new output its restarted
+    self commits (process start included). With a stable instance id the new process fences
+    the old transaction and rejoins as the same static member at once; with a random id it
+    waits for the old member's session to expire, and read_committed readers wait for the
+    old transaction to time out."""
+    chain = Chain(f"rec-{'stable' if stable_id else 'random'}-{int(time.time() * 1000) % 10**8}")
+    create_topics(bootstrap, chain, replication=3 if "," in bootstrap else 1)
+    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all")
+    publish(producer, chain.ingest, samples, batch_size=PER_MESSAGE // 4)
+    producer.close()
+    env = worker_env(
+        bootstrap, f"{chain.prefix}-g", chain.ingest, chain.mid, chain.dropped1,
+        "rec-0" if stable_id else "", "exactly_once",
+    )  # fmt: skip
+    env["SLUICE_SCORING_KAFKA__MAX_POLL_RECORDS"] = "1"
+    env["SLUICE_SCORING_KAFKA__TRANSACTION_INTERVAL_MS"] = "200"
+    w = Worker(f"recovery-{stable_id}", env, logdir / f"recovery-{stable_id}.log")
+    topics = [chain.mid, chain.dropped1]
+    w.start()
+    try:
+        before = 0
+        while not before:
+            before = sum(count_ids(read_committed(bootstrap, topics, 0.3)).values())
+        w.kill()
+        killed_at = time.monotonic()
+        at_kill = sum(count_ids(read_committed(bootstrap, topics, 0.3)).values())
+        w.start()
+        while time.monotonic() - killed_at < 300:
+            if sum(count_ids(read_committed(bootstrap, topics, 0.3)).values()) > at_kill:
+                return time.monotonic() - killed_at
+        raise RuntimeError("the restarted worker made no progress in 300 s")
+    finally:
+        w.stop()
+
+
 def report_chaos(res: dict[str, Any], logdir: Path) -> None:
     print(f"\nworker logs: {logdir}")
     print("| check | value |\n|---|---|")
@@ -465,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             logdir=logdir,
         )
         report_chaos(res, logdir)
+        rec_corpus = corpus(2_000)
+        rec = {stable: recovery(bootstrap, rec_corpus, stable, logdir) for stable in (True, False)}
         tput_corpus = corpus(args.tput_samples)
         # Alternate the two, several times, and take medians: on a shared machine one run
         # of each says more about the neighbours than about the guarantee.
@@ -483,9 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {g} | {statistics.median(rates):,.0f} | {', '.join(f'{r:,.0f}' for r in rates)} |"
         )
+    print("\n| restarted worker's instance id | SIGKILL -> first new output |\n|---|---|")
+    print(f"| stable (pod name) | {rec[True]:.1f} s |\n| random | {rec[False]:.1f} s |")
     print(
         f"RESULT chaos kills={res['kills']} lost={res['lost']} duplicated={res['duplicated']} "
-        f"eos_overhead={overhead:.3f} broker_restarts={res['broker_restarts']} "
+        f"eos_overhead={overhead:.3f} recovery_s={rec[True]:.1f} "
+        f"broker_restarts={res['broker_restarts']} "
         f"dead_letters={res['dead_letters']} planted_bad={res['planted_bad']}"
     )
     ok = (
