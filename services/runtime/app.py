@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """The service process's logging, at ``settings.log_level``. The root logger's level is
+    set even when it has handlers already: whoever started the process may have configured
+    logging first (``sluice serve`` sets WARNING for its one-shot commands), and
+    ``basicConfig`` alone then leaves that level, hiding every INFO line of a service run at
+    INFO."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level.upper())
 
 
 def make_worker(
@@ -65,7 +68,7 @@ def run_service(kind: str, settings: ServiceSettings, mode: str = "all") -> int:
     worker = make_worker(spec, core, settings, metrics) if mode in ("worker", "all") else None
     if settings.metrics.enabled:
         _srv, port = serve_metrics(metrics, settings.metrics.host, settings.metrics.port)
-        log.info("metrics on :%d/metrics", port)
+        log.info("metrics on %s:%d/metrics", settings.metrics.host, port)
     server: RunningServer | None = None
     if mode in ("serve", "all"):
         server = serve(settings.grpc, spec.make_register(core, metrics), metrics=metrics)

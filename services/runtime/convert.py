@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from services.gen.sluice.common.v1 import sample_pb2
 from services.runtime.domain import Action, LineageEvent, Sample
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, TooLarge
+
+RESULT_GROWTH_BYTES = 16
+"""The least a result adds to the sample it returns: its framing and one lineage event
+(stage, action, timestamp). A lower bound, so ``check_response_room`` never refuses a
+request that could have been answered."""
 
 
 def sample_from_proto(msg: sample_pb2.Sample) -> Sample:
@@ -71,3 +76,15 @@ def validate_samples(samples: Iterable[Sample]) -> None:
             raise InvalidArgument(
                 f"sample {s.id!r} has no text (nor prompt/response, nor an embedding)"
             )
+
+
+def check_response_room(samples: Sequence[sample_pb2.Sample], limit: int) -> None:
+    """Refuse, before any work, a request whose samples cannot come back in one response:
+    each returns with at least ``RESULT_GROWTH_BYTES`` more, and a response over ``limit``
+    (the server's message limit) would be refused only after the work was done."""
+    need = sum(m.ByteSize() for m in samples) + RESULT_GROWTH_BYTES * len(samples)
+    if need > limit:
+        raise TooLarge(
+            f"the response would need at least {need} bytes for these {len(samples)} samples, "
+            f"over the {limit}-byte message limit; send fewer samples per request"
+        )

@@ -5,12 +5,19 @@ over HTTP by ``serve_metrics``. Names follow Prometheus conventions; the
 ``stage`` label is the service stage ("scoring"), ``step`` a sub-step inside it
 ("heuristics", "ask_llm"); ``reason`` values come from a fixed set of rule names,
 never from sample data, so label cardinality stays bounded.
+
+Sample counters carry ``transport``: "kafka" for batches a stage worker consumed, "grpc"
+for requests its API served, so in ``all`` mode each reconciles with its own source (the
+topic's records, the clients' calls). The gRPC server sets it for the calls it runs
+(``TRANSPORT``, a context variable: a core's own ``observe_step`` calls are labelled by
+whichever transport called the core); everything else counts as "kafka".
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -30,6 +37,9 @@ SCORE_BUCKETS: dict[str, tuple[float, ...]] = {
     "density": DENSITY_BUCKETS,
     "density_weight": WEIGHT_BUCKETS,
 }
+TRANSPORT: ContextVar[str] = ContextVar("sluice_transport", default="kafka")
+"""Which transport the samples being counted came through: "kafka" or "grpc"."""
+
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -41,30 +51,39 @@ class StageMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.samples_in = Counter(
-            "sluice_stage_samples_in", "Samples received by the stage.", ["stage"], registry=r
+            "sluice_stage_samples_in",
+            "Samples received by the stage, by transport.",
+            ["stage", "transport"],
+            registry=r,
         )
         self.samples_out = Counter(
             "sluice_stage_samples_out",
-            "Samples the stage kept and forwarded.",
-            ["stage"],
+            "Samples the stage kept and forwarded (Kafka) or returned kept (gRPC).",
+            ["stage", "transport"],
             registry=r,
         )
         self.samples_dropped = Counter(
             "sluice_stage_samples_dropped",
-            "Samples dropped, by reason ('<step>:<rule>').",
-            ["stage", "reason"],
+            "Samples dropped, by reason ('<step>:<rule>') and transport.",
+            ["stage", "reason", "transport"],
             registry=r,
         )
         self.tokens_in = Counter(
-            "sluice_stage_tokens_in", "Whitespace tokens received.", ["stage"], registry=r
+            "sluice_stage_tokens_in",
+            "Whitespace tokens received.",
+            ["stage", "transport"],
+            registry=r,
         )
         self.tokens_out = Counter(
-            "sluice_stage_tokens_out", "Whitespace tokens forwarded.", ["stage"], registry=r
+            "sluice_stage_tokens_out",
+            "Whitespace tokens forwarded.",
+            ["stage", "transport"],
+            registry=r,
         )
         self.step_samples = Counter(
             "sluice_step_samples",
-            "Samples seen by a step inside a stage, by outcome.",
-            ["stage", "step", "outcome"],
+            "Samples seen by a step inside a stage, by outcome and transport.",
+            ["stage", "step", "outcome", "transport"],
             registry=r,
         )
         self.batches = Counter("sluice_stage_batches", "Batches processed.", ["stage"], registry=r)
@@ -102,7 +121,8 @@ class StageMetrics:
         )
         self.requests = Counter(
             "sluice_grpc_requests",
-            "gRPC requests by method and status code.",
+            "gRPC calls by method and the status code their client saw, counted when "
+            "the call ends (services.runtime.grpc_server says which refusals are seen).",
             ["stage", "method", "code"],
             registry=r,
         )
@@ -129,6 +149,7 @@ class StageMetrics:
     ) -> None:
         """Record a processed batch: in/out/dropped counts, tokens and scores."""
         st = self.stage
+        tr = TRANSPORT.get()
         kept_tokens = 0
         in_tokens = 0
         kept = 0
@@ -140,15 +161,15 @@ class StageMetrics:
                 kept += 1
                 kept_tokens += n
             else:
-                self.samples_dropped.labels(st, o.reason or "unspecified").inc()
+                self.samples_dropped.labels(st, o.reason or "unspecified", tr).inc()
             for sig in sigs:
                 v = o.sample.scores.get(sig)
                 if v is not None and math.isfinite(v):
                     self.score_histogram(sig).labels(st).observe(v)
-        self.samples_in.labels(st).inc(len(outcomes))
-        self.samples_out.labels(st).inc(kept)
-        self.tokens_in.labels(st).inc(in_tokens)
-        self.tokens_out.labels(st).inc(kept_tokens)
+        self.samples_in.labels(st, tr).inc(len(outcomes))
+        self.samples_out.labels(st, tr).inc(kept)
+        self.tokens_in.labels(st, tr).inc(in_tokens)
+        self.tokens_out.labels(st, tr).inc(kept_tokens)
         for count in step_counts(outcomes, steps):
             self.observe_step(count.step, count.samples_in, count.samples_kept)
 
@@ -158,8 +179,9 @@ class StageMetrics:
         self.generation_seconds.labels(self.stage).observe(seconds)
 
     def observe_step(self, step: str, n_in: int, n_kept: int) -> None:
-        self.step_samples.labels(self.stage, step, "in").inc(n_in)
-        self.step_samples.labels(self.stage, step, "kept").inc(n_kept)
+        tr = TRANSPORT.get()
+        self.step_samples.labels(self.stage, step, "in", tr).inc(n_in)
+        self.step_samples.labels(self.stage, step, "kept", tr).inc(n_kept)
 
 
 def serve_metrics(metrics: StageMetrics, host: str, port: int) -> tuple[WSGIServer, int]:

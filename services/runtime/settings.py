@@ -237,22 +237,83 @@ class KafkaClientEnv(BaseSettings):
         return KafkaSettings(bootstrap_servers=bootstrap_servers, security=self.security)
 
 
+class GrpcTlsSettings(StrictModel):
+    """Transport security of the gRPC server: TLS, and mTLS when a client CA is given. Files
+    are PEM, mounted from Secrets; read once at start."""
+
+    enabled: bool = Field(False, description="Serve TLS instead of cleartext HTTP/2.")
+    cert_file: str = Field("", description="Server certificate chain (PEM); needed when enabled.")
+    key_file: str = Field("", description="Private key of cert_file (PEM); needed when enabled.")
+    client_ca_file: str = Field(
+        "",
+        description="CA bundle (PEM) that signs client certificates; set = mTLS: a client "
+        "without a certificate it signed is refused during the handshake. '' = any client.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> GrpcTlsSettings:
+        if self.enabled and not (self.cert_file and self.key_file):
+            raise ValueError("grpc.tls.enabled needs grpc.tls.cert_file and grpc.tls.key_file")
+        if not self.enabled and (self.cert_file or self.key_file or self.client_ca_file):
+            raise ValueError(
+                "grpc.tls files are set but grpc.tls.enabled is false: the server would "
+                "serve cleartext; set enabled: true or remove the files"
+            )
+        return self
+
+
 class GrpcSettings(StrictModel):
-    """The gRPC server: address, limits and shutdown grace."""
+    """The gRPC server: address, limits, transport security and shutdown grace."""
 
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: int = Field(50051, ge=0, le=65535, description="Port; 0 = pick a free one (tests).")
     max_message_bytes: int = Field(
-        32 * MiB, ge=1024, description="Largest request/response message."
+        32 * MiB,
+        ge=1024,
+        description="Largest request and response message. gRPC refuses a larger request "
+        "itself (RESOURCE_EXHAUSTED) before any handler runs; a request whose samples cannot "
+        "fit in a response this size is refused before the work.",
     )
-    max_workers: int = Field(8, ge=1, description="Handler threads.")
+    max_workers: int = Field(
+        8,
+        ge=1,
+        description="Threads running the API's calls (a stream holds one for its life). "
+        "Health checks run on their own threads, so busy or idle API calls never starve "
+        "the probes.",
+    )
+    maximum_concurrent_rpcs: int = Field(
+        32,
+        ge=1,
+        description="API calls running or waiting for a thread at once; one more is refused "
+        "at once with RESOURCE_EXHAUSTED instead of queueing without bound. Health checks "
+        "are not counted.",
+    )
+    stream_idle_timeout_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="A client stream (ScoreStream ...) that sends no request for this long "
+        "is ended with DEADLINE_EXCEEDED, giving back its thread. 0 = never.",
+    )
     grace_seconds: float = Field(10.0, ge=0, description="Drain time on SIGTERM before stopping.")
+    tls: GrpcTlsSettings = Field(default_factory=GrpcTlsSettings)  # type: ignore[arg-type]
+    auth_token_file: str = Field(
+        "",
+        description="File holding the bearer token every API call must carry "
+        "(metadata 'authorization: Bearer <token>'), read once at start; a call without "
+        "it or with another is refused with UNAUTHENTICATED. grpc.health.v1 is exempt (probes "
+        "send no token); reflection is not. '' = no authentication.",
+    )
 
 
 class MetricsSettings(StrictModel):
     """The Prometheus endpoint."""
 
-    host: str = Field("0.0.0.0", description="Interface for the /metrics HTTP server.")
+    host: str = Field(
+        "0.0.0.0",
+        description="Interface for the /metrics HTTP server. All interfaces by default: "
+        "Prometheus scrapes the pod IP (the chart relies on it). It serves counters only, no "
+        "samples; set 127.0.0.1 where a sidecar scrapes, or restrict it by NetworkPolicy.",
+    )
     port: int = Field(9100, ge=0, le=65535, description="Port; 0 = pick a free one.")
     enabled: bool = Field(True, description="Serve /metrics at all.")
 

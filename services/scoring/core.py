@@ -83,13 +83,25 @@ class ScoringCore:
         return self.backend.model_version
 
     def resolve_steps(self, requested: Sequence[str]) -> list[Step]:
-        """The steps a request asks for, validated, in canonical order."""
+        """The steps a request asks for, validated, in canonical order.
+
+        Only configured steps: a request cannot make a heuristics-only server load a
+        language model. Asking for another is INVALID_ARGUMENT (not FAILED_PRECONDITION):
+        the server's steps are fixed for its life, so the request, not the server's state,
+        has to change (ask without ``signals`` for the configured pipeline)."""
         if not requested:
             return self.steps
         unknown = sorted(set(requested) - set(STEP_ORDER))
         if unknown:
             raise InvalidArgument(f"unknown signals {unknown}; known: {list(STEP_ORDER)}")
-        return [s for s in STEP_ORDER if s in requested]
+        configured = self.steps
+        missing = [s for s in STEP_ORDER if s in requested and s not in configured]
+        if missing:
+            raise InvalidArgument(
+                f"signals {missing} are not computed by this server; it is configured "
+                f"for {configured}"
+            )
+        return [s for s in configured if s in requested]
 
     # -- the work --------------------------------------------------------
     def process(self, samples: list[Sample]) -> list[Outcome]:

@@ -7,10 +7,14 @@ from collections.abc import Iterator
 import grpc
 
 from services.gen.sluice.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from services.runtime.convert import sample_from_proto, sample_to_proto, validate_samples
+from services.runtime.convert import (
+    check_response_room,
+    sample_from_proto,
+    sample_to_proto,
+    validate_samples,
+)
 from services.runtime.errors import InvalidArgument
 from services.runtime.metrics import StageMetrics
-from services.runtime.registry import Register, registration
 from services.scoring.core import ScoringCore
 
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
@@ -30,6 +34,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 f"{len(request.samples)} samples in one request, limit {self.max_samples}; "
                 "use ScoreStream for large jobs"
             )
+        check_response_room(request.samples, self.core.settings.grpc.max_message_bytes)
         samples = [sample_from_proto(m) for m in request.samples]
         validate_samples(samples)
         steps = self.core.resolve_steps(list(request.signals))
@@ -52,7 +57,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             yield self._score(request)
 
 
-def register(core: ScoringCore, metrics: StageMetrics) -> Register:
-    """The stage's servicer, for services.runtime.grpc_server.serve."""
-    add = scoring_pb2_grpc.add_ScoringServiceServicer_to_server
-    return registration(add, ScoringServicer(core, metrics), SERVICE_NAME)
+def register(core: ScoringCore, metrics: StageMetrics):  # type: ignore[no-untyped-def]
+    """A ``register`` callback for services.runtime.grpc_server.serve."""
+
+    def _register(server: grpc.Server) -> list[str]:
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(
+            ScoringServicer(core, metrics), server
+        )
+        return [SERVICE_NAME]
+
+    return _register

@@ -109,11 +109,12 @@ def test_distill_worker_end_to_end(
     assert [dict(r.headers)[H_DLQ_REASON].decode() for r in dlq] == ["invalid"]
     registry = metrics.registry
     label = {"stage": STAGE}
-    assert registry.get_sample_value("sluice_stage_samples_in_total", label) == len(PROMPTS)
+    counted = {**label, "transport": "kafka"}
+    assert registry.get_sample_value("sluice_stage_samples_in_total", counted) == len(PROMPTS)
     assert registry.get_sample_value("sluice_stage_generated_tokens_total", label) == sum(
         int(s.metadata[RESPONSE_TOKENS_KEY]) for s in got.values()
     )
     assert registry.get_sample_value("sluice_generation_seconds_count", label) == 2
-    step = {"stage": STAGE, "step": STAGE}
+    step = {"stage": STAGE, "step": STAGE, "transport": "kafka"}
     assert registry.get_sample_value("sluice_step_samples_total", {**step, "outcome": "in"}) == 4
     assert registry.get_sample_value("sluice_step_samples_total", {**step, "outcome": "kept"}) == 4

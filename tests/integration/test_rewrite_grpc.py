@@ -81,7 +81,7 @@ def test_rewrite_links_lineage_and_drops_toxic(
     assert toxic.sample.lineage[-1].action == sample_pb2.ACTION_DROPPED
     assert metrics.registry.get_sample_value(
         "sluice_stage_samples_dropped_total",
-        {"stage": "rewrite", "reason": "toxicity:lexical"},
+        {"stage": "rewrite", "reason": "toxicity:lexical", "transport": "grpc"},
     )
     assert (
         metrics.registry.get_sample_value(

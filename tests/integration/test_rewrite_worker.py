@@ -80,6 +80,8 @@ def test_rewrite_worker_end_to_end(kafka_bootstrap: str, torch_backend) -> None:
     assert tox.id == "doc-tox" and tox.lineage[-1].reason == "toxicity:lexical"
     assert [dict(r.headers)[H_DLQ_REASON].decode() for r in dlq] == ["decode_error"]
     assert (
-        metrics.registry.get_sample_value("sluice_stage_samples_out_total", {"stage": "rewrite"})
+        metrics.registry.get_sample_value(
+            "sluice_stage_samples_out_total", {"stage": "rewrite", "transport": "kafka"}
+        )
         == 2
     )

@@ -116,8 +116,9 @@ def test_scoring_worker_end_to_end(kafka_bootstrap: str, torch_backend) -> None:
     assert worker.stats.dead_letters == 2
 
     lab = (("stage", "scoring"),)
-    assert scraped[("sluice_stage_samples_in_total", lab)] == N
-    assert scraped[("sluice_stage_samples_out_total", lab)] == N
+    by_transport = (("stage", "scoring"), ("transport", "kafka"))
+    assert scraped[("sluice_stage_samples_in_total", by_transport)] == N
+    assert scraped[("sluice_stage_samples_out_total", by_transport)] == N
     assert scraped[("sluice_stage_batches_total", lab)] == N // 50
     assert (
         scraped[
@@ -126,6 +127,6 @@ def test_scoring_worker_end_to_end(kafka_bootstrap: str, torch_backend) -> None:
         == 1
     )
     assert scraped[("sluice_score_ask_llm_count", lab)] == N
-    assert scraped[("sluice_stage_tokens_in_total", lab)] == sum(
+    assert scraped[("sluice_stage_tokens_in_total", by_transport)] == sum(
         len(s.text.split()) for s in samples
     )

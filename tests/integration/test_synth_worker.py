@@ -75,7 +75,7 @@ def test_synth_worker_end_to_end(kafka_bootstrap: str, torch_backend) -> None:  
     assert (
         metrics.registry.get_sample_value(
             "sluice_stage_samples_dropped_total",
-            {"stage": "synth", "reason": "filter:near_duplicate"},
+            {"stage": "synth", "reason": "filter:near_duplicate", "transport": "kafka"},
         )
         == 1
     )

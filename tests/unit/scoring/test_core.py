@@ -44,6 +44,19 @@ def test_unknown_step_is_invalid_argument() -> None:
         core.score(_samples(), ["heuristics", "vibes"])
 
 
+def test_a_step_the_server_is_not_configured_for_is_refused_before_any_model_loads() -> None:
+    core = ScoringCore(ScoringSettings(steps=["heuristics"]), backend=_no_model)
+    for asked in (["perplexity"], ["heuristics", "ask_llm"]):
+        with pytest.raises(InvalidArgument, match="not computed by this server"):
+            core.score(_samples(), asked)
+    assert core.resolve_steps(["heuristics"]) == ["heuristics"]
+    assert core.resolve_steps([]) == ["heuristics"]
+
+
+def _no_model() -> None:
+    raise AssertionError("a heuristics-only core must not load a model")
+
+
 def test_step_counts_follow_the_sequence() -> None:
     core = ScoringCore(ScoringSettings(steps=["heuristics"]))
     counts = step_counts(core.process(_samples()), ["heuristics"])
