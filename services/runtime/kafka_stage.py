@@ -26,6 +26,13 @@ original size in a header) instead of failing the write. Output is split to fit 
 smallest ``max.message.bytes`` of the topics it is written to (read from the broker at
 start), and a single sample that cannot fit even alone is dead-lettered. On SIGTERM the
 worker stops between records, commits what is done, and closes.
+
+A stage that keeps state across records (density's pass-1 sketch) passes a ``StageState``:
+the loop tells it which partition each record comes from, asks it to checkpoint before
+every offset commit (under both guarantees), and on assignment (and after an aborted
+transaction) seeks each partition to where the state says it resumes. The state, not the
+committed offset, then decides where a partition restarts, so a SIGKILL loses nothing the
+state checkpointed and re-reads nothing it holds.
 """
 
 from __future__ import annotations
@@ -39,9 +46,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, ProducerFencedError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -105,6 +112,52 @@ class _Transaction:
         return (time.monotonic() - self.opened_at) * 1000 >= settings.transaction_interval_ms
 
 
+class StageState(Protocol):
+    """Per-partition state a stage keeps across records and checkpoints itself (density's
+    pass-1 sketches). The loop calls it from its own thread only (rebalance callbacks run
+    inside ``poll``). Contract:
+
+    - ``on_assigned(partitions)``: the worker now owns ``partitions`` (a rebalance, or a
+      rewind after an aborted transaction, following ``on_revoked``); load their state and
+      return the offset to resume each from. A partition left out resumes from the group's
+      committed offset.
+    - ``on_revoked(partitions)``: the worker no longer owns them (or rewinds them); forget
+      their in-memory state. What was not checkpointed is re-read by the next owner.
+    - ``on_record(tp, offset)``: the next record handed to the processor comes from ``tp`` at
+      ``offset`` (called for every record, dead-lettered ones included).
+    - ``checkpoint(done)``: persist state covering every record handed over so far, before
+      the loop commits ``done`` (next offset per partition); raising prevents the commit.
+      Called at every commit point: each poll (at_least_once), each transaction (exactly_once).
+
+    Resuming from the checkpoint rather than the commit is exact for a stage without outputs
+    (a checkpoint may be ahead of a commit that then failed). A stage with outputs under
+    exactly_once must resume from the checkpoint matching the committed offset instead.
+    """
+
+    def on_assigned(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+
+    def on_revoked(self, partitions: list[TopicPartition]) -> None: ...
+
+    def on_record(self, tp: TopicPartition, offset: int) -> None: ...
+
+    def checkpoint(self, done: dict[TopicPartition, int]) -> None: ...
+
+
+class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Rebalance callbacks -> the stage state, then seek to where it resumes."""
+
+    def __init__(self, worker: StageWorker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if self.worker.state is not None and revoked:
+            self.worker.state.on_revoked(sorted(revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:
+            self.worker._resume(sorted(assigned))
+
+
 def decision_digest(stage: str, version: str) -> str:
     """Short, stable digest of what decided (stage, model and config version): the suffix
     of every output batch id."""
@@ -125,9 +178,11 @@ class StageWorker:
         dropped_topic: str = "",
         max_retries: int = 2,
         decision_version: str = "",
+        state: StageState | None = None,
     ) -> None:
         """``decision_version``: the stage's model + config identity for batch ids (default:
-        the processor's ``model_version``, read when the loop starts)."""
+        the processor's ``model_version``, read when the loop starts). ``state``: the stage's
+        checkpointed per-partition state, if it keeps any (``StageState``)."""
         self.processor = processor
         self.settings = settings
         self.metrics = metrics
@@ -136,6 +191,7 @@ class StageWorker:
         self.dropped_topic = dropped_topic
         self.max_retries = max_retries
         self.decision_version = decision_version
+        self.state = state
         self.stats = WorkerStats()
         self.produce_limit = settings.max_message_bytes
         self._out_codec = BatchCodec(settings.max_message_bytes)
@@ -207,8 +263,19 @@ class StageWorker:
                 producer.init_transactions()
         except KafkaError as exc:
             raise Unavailable(f"cannot reach Kafka at {s.bootstrap_servers}: {exc}") from exc
-        consumer.subscribe([s.input_topic])
+        self._consumer = consumer
+        consumer.subscribe(
+            [s.input_topic], listener=_StateListener(self) if self.state is not None else None
+        )
         return consumer, producer
+
+    def _resume(self, partitions: list[TopicPartition]) -> None:
+        """Seek ``partitions`` to where the stage state resumes them (it loads them first)."""
+        if self.state is None or self._consumer is None:
+            return
+        for tp, offset in self.state.on_assigned(partitions).items():
+            log.info("resuming %s-%d at offset %d (stage state)", tp.topic, tp.partition, offset)
+            self._consumer.seek(tp, offset)
 
     def run(self, *, idle_timeout_s: float | None = None) -> WorkerStats:
         """Run until stopped (or, if ``idle_timeout_s`` is set, until no input
@@ -277,6 +344,8 @@ class StageWorker:
                 if self._stop.is_set():
                     log.info("stop requested: the rest of the poll will be redelivered")
                     return done, futures
+                if self.state is not None:
+                    self.state.on_record(tp, rec.offset)
                 futures.extend(self._handle_record(producer, rec))
                 done[tp] = rec.offset + 1
         return done, futures
@@ -298,6 +367,8 @@ class StageWorker:
                 # replacement resumes from the last commit.
                 raise Unavailable(f"broker did not acknowledge output: {exc}") from exc
         if done:
+            if self.state is not None:
+                self.state.checkpoint(done)
             consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in done.items()})
             self.stats.commits += 1
             self.stats.last_commit_at = time.monotonic()
@@ -331,6 +402,8 @@ class StageWorker:
         cannot commit (a rebalance took its partitions, a broker failed over) it is aborted
         and the consumer rewinds to its first offsets: nothing of it is visible, nothing
         is skipped."""
+        if txn.done and self.state is not None:
+            self.state.checkpoint(dict(txn.done))
         try:
             if txn.done:
                 producer.send_offsets_to_transaction(
@@ -362,6 +435,11 @@ class StageWorker:
         for tp, offset in txn.start.items():
             if tp in assigned:
                 consumer.seek(tp, offset)
+        if self.state is not None and assigned:
+            # The state may hold (and have checkpointed) records of the aborted
+            # transaction: it, not the transaction's start, says where to resume.
+            self.state.on_revoked(sorted(assigned))
+            self._resume(sorted(assigned))
 
     def _handle_record(self, producer: KafkaProducer, rec: Any) -> list[Any]:
         s = self.settings

@@ -127,6 +127,11 @@ class ObjectStore:
             )
         return self.uri(key)
 
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (no error if it is already gone)."""
+        with s3_errors(self.uri(key)):
+            self.client.remove_object(self.bucket, key)
+
     def put_json(self, key: str, obj: dict[str, Any]) -> str:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()
         return self.put(key, data, content_type="application/json")
