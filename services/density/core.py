@@ -372,10 +372,14 @@ class DensityCore:
         self.seconds += time.perf_counter() - t0
         return outcomes
 
-    def build_batch(self, samples: Sequence[Sample], vecs: Vectors) -> list[Outcome]:
-        """Pass 1: sketch the usable samples. Accepted samples are 'kept' (into the
+    def build_batch(
+        self, samples: Sequence[Sample], vecs: Vectors, into: SketchState | None = None
+    ) -> list[Outcome]:
+        """Pass 1: sketch the usable samples, into the stage's sketch or ``into`` (the Kafka
+        worker keeps one sketch per input partition). Accepted samples are 'kept' (into the
         sketch), unusable ones dropped with a reason; nothing is annotated."""
-        state = self.ensure_state(self.name, self.settings.sketch.version)
+        version = self.settings.sketch.version
+        state = into if into is not None else self.ensure_state(self.name, version)
         ok = vecs.ok
         self._add(
             state, [s.id for s, good in zip(samples, ok, strict=True) if good], vecs.matrix[ok]

@@ -137,6 +137,13 @@ class DensitySettings(StageSettings):
         "(the topic is drained). Counted from start, so it must exceed the consumer group "
         "join time (about session_timeout_ms / 2 on some brokers).",
     )
+    sketch_wait_s: float = Field(
+        240.0,
+        ge=0,
+        description="two_pass_sample: how long to wait for the merged sketch at start (the "
+        "build Job may still be running), looking every 10 s; then fail. Nothing is served "
+        "meanwhile: keep it below the pod's startup probe budget (the chart's: 300 s).",
+    )
     max_request_samples: int = Field(4096, ge=1, description="Most samples per gRPC request.")
 
     @model_validator(mode="after")

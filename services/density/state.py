@@ -127,10 +127,13 @@ class CalibrationSample:
 
 @dataclass(frozen=True, slots=True)
 class PartInfo:
-    """One pass-1 worker's contribution to a merged sketch."""
+    """One part of a merged sketch: an input partition's last pass-1 checkpoint (which
+    worker wrote it, the points it holds, the offset it covers)."""
 
     worker_id: str
     n: int
+    partition: str = ""
+    offset: int | None = None
 
 
 @dataclass
@@ -188,7 +191,10 @@ class SketchState:
             "n": self.n,
             "embedding_model": self.embedding_model,
             "calibration_points": len(self.calibration),
-            "parts": [{"worker_id": p.worker_id, "n": p.n} for p in self.parts],
+            "parts": [
+                {"worker_id": p.worker_id, "n": p.n, "partition": p.partition, "offset": p.offset}
+                for p in self.parts
+            ],
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 

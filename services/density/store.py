@@ -1,37 +1,113 @@
-"""Sketches in an S3-compatible object store (MinIO, S3), on the ``minio`` client.
+"""Sketches in an S3-compatible object store (MinIO, S3), on the runtime's ``ObjectStore``.
 
 Layout under ``<bucket>/<prefix>/<name>/<fingerprint>/`` (the fingerprint of the sketch
 parameters and seed, so sketches that cannot merge never share a folder)::
 
-    v<version>/parts/<worker-id>.sketch    pass 1: one worker's partition sketch
-    v<version>/parts/<worker-id>.calib     its calibration sample (bottom-k, npz)
-    v<version>/parts/<worker-id>.json      its metadata; written last: the part's commit
-    v<version>.sketch                      the merge of every part
+    v<version>/partitions/<topic>/<partition>/<offset>.ckpt
+                                           pass 1: the sketch of one input partition's
+                                           records [0, offset) with its calibration sample,
+                                           one object (so written atomically)
+    v<version>.sketch                      the merge of every partition's latest checkpoint
     v<version>.calib                       the merged calibration sample
-    v<version>.json                        the manifest (params, n, parts, embedding
+    v<version>.json                        the manifest (params, n, partitions, embedding
                                            model); written last: the version's commit
 
-A reader only trusts objects whose ``.json`` exists, so a worker that dies mid-upload
-leaves nothing that anyone reads. Merged versions are immutable unless overwritten on
-purpose (``overwrite=True``): pass-2 workers may be reading them.
+A checkpoint is immutable and named by the offset it covers (zero-padded, so keys sort by
+offset); the latest is the one with the highest offset. A partition's state at an offset is
+a pure function of its records (sketches are deterministic), so two workers that both wrote
+offset N wrote the same counts, and a late write from a fenced worker can only add an older
+checkpoint, never hide a newer one. Older checkpoints are deleted once a newer one is
+written. A merged version is read only through its ``.json``, so an interrupted upload is
+never read; merged versions are immutable unless overwritten on purpose
+(``overwrite=True``): pass-2 workers may be reading them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import struct
+from dataclasses import dataclass
 
 from minio import Minio
 
 from services.density.settings import StoreSettings
 from services.density.sketch import RaceSketch, SketchParams
 from services.density.state import CalibrationSample, PartInfo, SketchState, combine
-from services.runtime.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.errors import (
+    ConfigError,
+    DecodeError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from services.runtime.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"/v(\d+)\.json$")
+_CHECKPOINT = re.compile(r"/partitions/([^/]+)/(\d+)/(\d{20})\.ckpt$")
+_CHECKPOINT_MAGIC = b"SLUICE-CKPT1"
+_LOAD_ATTEMPTS = 3  # a checkpoint listed may be pruned by its writer before it is read
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One input partition's pass-1 state: the sketch of its records [0, offset)."""
+
+    topic: str
+    partition: int
+    offset: int
+    state: SketchState
+    worker_id: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.topic}-{self.partition}"
+
+    def to_bytes(self) -> bytes:
+        sketch, calib = self.state.sketch.to_bytes(), self.state.calibration.to_bytes()
+        header = {
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "n": self.state.n,
+            "name": self.state.name,
+            "version": self.state.version,
+            "embedding_model": self.state.embedding_model,
+            "worker_id": self.worker_id,
+            "sketch_bytes": len(sketch),
+            "calib_bytes": len(calib),
+        }
+        head = json.dumps(header, sort_keys=True).encode()
+        return _CHECKPOINT_MAGIC + struct.pack("<I", len(head)) + head + sketch + calib
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Checkpoint:
+        """Decode ``to_bytes`` output; anything else raises DecodeError."""
+        m = len(_CHECKPOINT_MAGIC)
+        if data[:m] != _CHECKPOINT_MAGIC or len(data) < m + 4:
+            raise DecodeError("not a sketch checkpoint (bad magic)")
+        (size,) = struct.unpack("<I", data[m : m + 4])
+        try:
+            h = json.loads(data[m + 4 : m + 4 + size])
+            body = data[m + 4 + size :]
+            cut = int(h["sketch_bytes"])
+            if len(body) != cut + int(h["calib_bytes"]):
+                raise DecodeError(f"checkpoint body is {len(body)} bytes, header says otherwise")
+            state = SketchState(
+                str(h["name"]),
+                RaceSketch.from_bytes(body[:cut]),
+                CalibrationSample.from_bytes(body[cut:]),
+                str(h["embedding_model"]),
+                h["version"],
+            )
+            return cls(
+                str(h["topic"]), int(h["partition"]), int(h["offset"]), state, str(h["worker_id"])
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DecodeError(f"not a sketch checkpoint: {exc}") from exc
 
 
 class SketchStore:
@@ -53,56 +129,94 @@ class SketchStore:
     def merged_key(self, name: str, fingerprint: str, version: int, ext: str) -> str:
         return f"{self.folder(name, fingerprint)}/v{version}.{ext}"
 
-    def part_key(self, name: str, fingerprint: str, version: int, worker: str, ext: str) -> str:
-        return f"{self.folder(name, fingerprint)}/v{version}/parts/{worker}.{ext}"
+    def checkpoint_folder(
+        self, name: str, fingerprint: str, version: int, topic: str = "", partition: int = -1
+    ) -> str:
+        folder = f"{self.folder(name, fingerprint)}/v{version}/partitions/"
+        if topic:
+            folder += f"{topic}/" + (f"{partition}/" if partition >= 0 else "")
+        return folder
 
-    # -- parts -----------------------------------------------------------------
-    def put_part(self, part: SketchState, worker_id: str) -> str:
-        """Upload one worker's sketch; returns the key of its sketch object."""
-        if part.version is None:
-            raise InvalidArgument("a part needs the version it belongs to")
-        fp = part.fingerprint
-        key = self.part_key(part.name, fp, part.version, worker_id, "sketch")
-        self.objects.put(key, part.sketch.to_bytes())
-        self.objects.put(
-            self.part_key(part.name, fp, part.version, worker_id, "calib"),
-            part.calibration.to_bytes(),
+    # -- pass-1 checkpoints ------------------------------------------------------
+    def put_checkpoint(self, ckpt: Checkpoint) -> str:
+        """Store one partition's state (one object), then delete its older checkpoints.
+        Returns the key."""
+        state = ckpt.state
+        if state.version is None:
+            raise InvalidArgument("a checkpoint needs the version it belongs to")
+        folder = self.checkpoint_folder(
+            state.name, state.fingerprint, state.version, ckpt.topic, ckpt.partition
         )
-        meta = {**part.manifest(), "worker_id": worker_id}
-        self.objects.put_json(self.part_key(part.name, fp, part.version, worker_id, "json"), meta)
-        log.info("published part %s (n=%d)", key, part.sketch.n)
+        key = f"{folder}{ckpt.offset:020d}.ckpt"
+        self.objects.put(key, ckpt.to_bytes())
+        for old in self.objects.keys(folder):
+            m = _CHECKPOINT.search(old)
+            if m and int(m.group(3)) < ckpt.offset:
+                self.objects.delete(old)
+        log.debug("checkpoint %s (n=%d)", key, state.n)
         return key
 
-    def part_ids(self, name: str, fingerprint: str, version: int) -> list[str]:
-        """Worker ids of the committed parts of a version, sorted."""
-        prefix = f"{self.folder(name, fingerprint)}/v{version}/parts/"
-        keys = self.objects.keys(prefix)
-        return sorted(k[len(prefix) : -len(".json")] for k in keys if k.endswith(".json"))
+    def checkpoint_keys(
+        self, name: str, fingerprint: str, version: int
+    ) -> dict[tuple[str, int], str]:
+        """The latest checkpoint key of every partition of a version."""
+        latest: dict[tuple[str, int], tuple[int, str]] = {}
+        for key in self.objects.keys(self.checkpoint_folder(name, fingerprint, version)):
+            m = _CHECKPOINT.search(key)
+            if m is None:
+                continue
+            tp, offset = (m.group(1), int(m.group(2))), int(m.group(3))
+            if tp not in latest or offset > latest[tp][0]:
+                latest[tp] = (offset, key)
+        return {tp: key for tp, (_offset, key) in sorted(latest.items())}
 
-    def load_part(self, name: str, fingerprint: str, version: int, worker: str) -> SketchState:
-        meta = self.objects.get_json(self.part_key(name, fingerprint, version, worker, "json"))
-        sketch = RaceSketch.from_bytes(
-            self.objects.get(self.part_key(name, fingerprint, version, worker, "sketch"))
-        )
-        calib = CalibrationSample.from_bytes(
-            self.objects.get(self.part_key(name, fingerprint, version, worker, "calib"))
-        )
-        return SketchState(name, sketch, calib, str(meta.get("embedding_model", "")), version)
+    def latest_checkpoint(
+        self, name: str, fingerprint: str, version: int, topic: str, partition: int
+    ) -> Checkpoint | None:
+        """The partition's checkpoint with the highest offset, or None."""
+        folder = self.checkpoint_folder(name, fingerprint, version, topic, partition)
+        for attempt in range(_LOAD_ATTEMPTS):
+            found = sorted(k for k in self.objects.keys(folder) if _CHECKPOINT.search(k))
+            if not found:
+                return None
+            key = found[-1]  # offsets are zero-padded: the last key is the highest offset
+            try:
+                return Checkpoint.from_bytes(self.objects.get(key))
+            except NotFound:  # pruned by a newer write between listing and reading
+                if attempt == _LOAD_ATTEMPTS - 1:
+                    raise
+        return None
 
-    def merge_parts(
+    def checkpoints(self, name: str, fingerprint: str, version: int) -> list[Checkpoint]:
+        """The latest checkpoint of every partition of a version, by topic and partition."""
+        out = []
+        for topic, partition in self.checkpoint_keys(name, fingerprint, version):
+            ckpt = self.latest_checkpoint(name, fingerprint, version, topic, partition)
+            if ckpt is not None:
+                out.append(ckpt)
+        return out
+
+    def is_merged(self, name: str, fingerprint: str, version: int) -> bool:
+        return self.exists(self.merged_key(name, fingerprint, version, "json"))
+
+    def merge_checkpoints(
         self, name: str, params: SketchParams, version: int, *, overwrite: bool = False
     ) -> SketchState:
-        """Merge every committed part of ``version`` and store the result."""
+        """Sum the latest checkpoint of every partition of ``version`` and store it as the
+        merged version."""
         fp = params.fingerprint()
-        if not overwrite and self.exists(self.merged_key(name, fp, version, "json")):
+        if not overwrite and self.is_merged(name, fp, version):
             raise FailedPrecondition(
                 f"sketch {name} v{version} is already merged; build a new version "
                 "(or overwrite on purpose)"
             )
-        workers = self.part_ids(name, fp, version)
-        if not workers:
-            raise NotFound(f"no parts of sketch {name} v{version} ({fp}) in the store")
-        merged = combine([self.load_part(name, fp, version, w) for w in workers], workers)
+        found = self.checkpoints(name, fp, version)
+        if not found:
+            raise NotFound(f"no pass-1 checkpoints of sketch {name} v{version} ({fp}) in the store")
+        merged = combine([c.state for c in found], [c.worker_id for c in found])
+        merged.parts = [
+            PartInfo(c.worker_id, c.state.n, partition=c.label, offset=c.offset) for c in found
+        ]
         self.put_merged(merged)
         return merged
 
@@ -147,7 +261,10 @@ class SketchStore:
         calib = CalibrationSample.from_bytes(
             self.objects.get(self.merged_key(name, fingerprint, version, "calib"))
         )
-        parts = [PartInfo(str(p["worker_id"]), int(p["n"])) for p in manifest.get("parts", [])]
+        parts = [
+            PartInfo(str(p["worker_id"]), int(p["n"]), str(p.get("partition", "")), p.get("offset"))
+            for p in manifest.get("parts", [])
+        ]
         model = str(manifest.get("embedding_model", ""))
         return SketchState(name, sketch, calib, model, version, parts)
 

@@ -2,36 +2,49 @@
 what the two passes need before and after the loop.
 
 - pass 1 (``two_pass_build``): consume until the input is drained (no record for
-  ``build_idle_timeout_s``) or SIGTERM, then publish this worker's sketch as a part. The
-  worker has no output topic: pass 1 only builds.
-- merge (``merge``): combine every published part of a version into the merged sketch.
-  Run once after every pass-1 worker has exited (a Job step, or ``sluice density merge``).
-- pass 2 (``two_pass_sample``): load the merged sketch (at construction, so a missing one
-  fails before anything is consumed), then consume and sample forever.
+  ``build_idle_timeout_s``) or SIGTERM, checkpointing each partition's sketch on the way.
+  The worker has no output topic: pass 1 only builds.
+- merge (``merge``): sum the latest checkpoint of every partition of a version into the
+  merged sketch. Run once after every pass-1 worker has exited (a Job step, or ``sluice
+  density merge``); a re-run finds the version merged and exits 0.
+- pass 2 (``two_pass_sample``): load the merged sketch (at construction, waiting up to
+  ``sketch_wait_s`` for it while the build runs, so a missing one fails before anything is
+  consumed), then consume and sample forever.
 - ``online``: consume and sample forever; no store needed.
 
 Each pass has its own consumer group (``<group>.<pass>.<name>.v<version>``, named by
 ``services.runtime.registry.consumer_group``, which the operator calls too): sharing one
 would make pass 2 start where pass 1 committed, at the end of the topic.
 
-Delivery: a pass-1 worker publishes its part only after a clean stop, when everything it
-committed is in its sketch; a restarted worker resumes from those commits and publishes a
-part under a new worker id, so the merge still counts every record once. A worker killed
-with SIGKILL loses its unpublished counts (the records were committed): rebuild that
-version, or compare the merged ``n`` with the number of samples published.
+Delivery: pass 1 keeps one sketch per input partition and checkpoints each, with the offset
+it covers, to the store (one object, ``SketchStore.put_checkpoint``) before the offsets are
+committed to Kafka, under either processing guarantee (``PartitionSketches`` is the loop's
+``StageState``). A worker that is assigned a partition loads its latest checkpoint and seeks
+to its offset: the checkpoint, not the Kafka commit, says where a partition resumes. So a
+worker killed with SIGKILL, restarted or replaced by another, loses nothing that was
+checkpointed and re-reads nothing that was (only the records since the last commit point,
+which no checkpoint holds). The merge sums the latest checkpoint of every partition: the
+merged ``n`` equals the number of samples published, and the counts equal a sketch built in
+one go. Pass 2 is exactly-once like every stage, and its decisions are the same on
+redelivery.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kafka.structs import TopicPartition
 
 from services.density.core import STAGE, DensityCore
 from services.density.settings import DensitySettings
 from services.density.sketch import SketchParams
 from services.density.state import SketchState
-from services.density.store import SketchStore
-from services.runtime.errors import ConfigError
+from services.density.store import Checkpoint, SketchStore
+from services.runtime.domain import Outcome, Sample
+from services.runtime.errors import ConfigError, FailedPrecondition, NotFound
 from services.runtime.kafka_stage import StageWorker, WorkerStats
 from services.runtime.metrics import StageMetrics
 from services.runtime.registry import consumer_group
@@ -89,9 +102,18 @@ def make_worker(
 
 
 def merge_command(core: DensityCore, settings: DensitySettings) -> int:
-    """``python -m services.density merge``: merge the parts of sketch.version, then exit."""
-    merged = merge_version(core, require_store(settings, store_of(core)))
-    print(f"merged {len(merged.parts)} parts of {merged.name} v{merged.version}: n={merged.n}")
+    """``python -m services.density merge``: merge the checkpoints of sketch.version, then
+    exit. A version that is already merged is left as it is (exit 0), so a re-run of the
+    build Job succeeds."""
+    store = require_store(settings, store_of(core))
+    s = settings.sketch
+    fp = core.params().fingerprint()
+    if s.version is not None and store.is_merged(s.name, fp, s.version):
+        done = store.load_merged(s.name, fp, s.version)
+        print(f"{done.name} v{done.version} is already merged (n={done.n}): nothing to do")
+        return 0
+    merged = merge_version(core, store)
+    print(f"merged {len(merged.parts)} partitions of {merged.name} v{merged.version}: n={merged.n}")
     return 0
 
 
@@ -111,24 +133,148 @@ def load_reference(core: DensityCore, store: SketchStore) -> SketchState:
     return core.install(state)
 
 
-def publish_part(core: DensityCore, store: SketchStore) -> str | None:
-    """Upload this worker's sketch as a part of the version being built."""
-    if core.name not in core.names():
-        log.info("pass 1 saw no input: nothing to publish")
-        return None
-    part = core.state(core.name).copy()
-    if part.n == 0:
-        log.info("pass 1 sketched no sample: nothing to publish")
-        return None
-    return store.put_part(part, core.settings.worker_id)
+REFERENCE_POLL_S = 10.0
+"""How often pass 2 looks for the merged sketch while it waits (``sketch_wait_s``)."""
+
+
+def wait_for_reference(
+    core: DensityCore,
+    store: SketchStore,
+    wait_s: float,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> SketchState:
+    """``load_reference``, polling the store for up to ``wait_s`` while the merged version
+    does not exist yet (pass-2 pods start with the build Job: they wait instead of
+    crash-looping). Still missing after that: NotFound."""
+    deadline = clock() + wait_s
+    while True:
+        try:
+            return load_reference(core, store)
+        except NotFound as exc:
+            left = deadline - clock()
+            if left <= 0:
+                raise
+            pause = min(REFERENCE_POLL_S, left)
+            log.info(
+                "waiting for the merged sketch (%s); next look in %.0f s, giving up in %.0f s",
+                exc.message,
+                pause,
+                left,
+            )
+            sleep(pause)
 
 
 def merge_version(core: DensityCore, store: SketchStore, *, overwrite: bool = False) -> SketchState:
-    """Merge every published part of the configured version and store the result."""
+    """Sum the latest checkpoint of every partition of the configured version and store it."""
     s = core.settings.sketch
     if s.version is None:
         raise ConfigError("merge needs sketch.version (the version pass 1 built)")
-    return store.merge_parts(s.name, core.params(), s.version, overwrite=overwrite)
+    return store.merge_checkpoints(s.name, core.params(), s.version, overwrite=overwrite)
+
+
+@dataclass
+class _Held:
+    """One owned partition's sketch: it holds the records [0, position); the store holds
+    [0, saved)."""
+
+    state: SketchState
+    position: int
+    saved: int
+
+
+@dataclass
+class PartitionSketches:
+    """Pass 1's state: one sketch per input partition, each checkpointed to the store with
+    the offset it covers (the stage loop's ``StageState``), and the processor that adds each
+    record to its own partition's sketch (the loop's ``StageCore``)."""
+
+    core: DensityCore
+    store: SketchStore
+    held: dict[TopicPartition, _Held] = field(default_factory=dict)
+    written: dict[TopicPartition, str] = field(default_factory=dict)
+    """The last checkpoint key this worker wrote, per partition."""
+    _current: _Held | None = None
+    _redelivered: bool = False
+
+    # -- StageCore: the loop's processor -----------------------------------------
+    @property
+    def signals(self) -> list[str]:
+        return self.core.signals
+
+    @property
+    def steps(self) -> list[str]:
+        return self.core.steps
+
+    @property
+    def model_version(self) -> str:
+        return self.core.model_version
+
+    def process(self, samples: list[Sample]) -> list[Outcome]:
+        held = self._current
+        if held is None:
+            raise RuntimeError("pass 1 got a batch without its partition (on_record)")
+        if self._redelivered:  # already in the partition's sketch: never count it twice
+            return [Outcome(s, kept=True) for s in samples]
+        return self.core.build_batch(samples, self.core.vectors(samples), into=held.state)
+
+    # -- StageState: checkpoints ----------------------------------------------------
+    def on_assigned(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Load each partition's latest checkpoint (an empty sketch at offset 0 if none)."""
+        s = self.core.settings.sketch
+        if s.version is None:
+            raise ConfigError("pass 1 needs sketch.version")
+        fp = self.core.params().fingerprint()
+        resume = {}
+        for tp in partitions:
+            ckpt = self.store.latest_checkpoint(s.name, fp, s.version, tp.topic, tp.partition)
+            if ckpt is None:
+                state, offset = self.core.new_state(s.name, s.version), 0
+            else:
+                state, offset = ckpt.state, ckpt.offset
+                if state.embedding_model != self.core.embedding_model:
+                    raise FailedPrecondition(
+                        f"checkpoint of {ckpt.label} was embedded with "
+                        f"{state.embedding_model!r}; this worker embeds with "
+                        f"{self.core.embedding_model!r}"
+                    )
+            log.info(
+                "%s-%d: sketch of n=%d up to offset %d", tp.topic, tp.partition, state.n, offset
+            )
+            self.held[tp] = _Held(state, offset, offset)
+            resume[tp] = offset
+        return resume
+
+    def on_revoked(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            dropped = self.held.pop(tp, None)
+            if dropped is not None and dropped is self._current:
+                self._current = None
+
+    def on_record(self, tp: TopicPartition, offset: int) -> None:
+        held = self.held.get(tp)
+        if held is None:
+            raise RuntimeError(f"a record of {tp.topic}-{tp.partition}, which is not assigned")
+        self._current = held
+        self._redelivered = offset < held.position
+        if self._redelivered:
+            log.warning(
+                "%s-%d offset %d is already sketched: skipped", tp.topic, tp.partition, offset
+            )
+        else:
+            held.position = offset + 1
+
+    def checkpoint(self, done: dict[TopicPartition, int]) -> None:
+        """Write every held partition that advanced since its last checkpoint; each covers
+        exactly the records in its sketch, whatever ``done`` says."""
+        for tp, held in self.held.items():
+            if held.position > held.saved:
+                ckpt = Checkpoint(
+                    tp.topic, tp.partition, held.position, held.state, self.core.settings.worker_id
+                )
+                self.written[tp] = self.store.put_checkpoint(ckpt)
+                held.saved = held.position
 
 
 class DensityWorker:
@@ -148,28 +294,37 @@ class DensityWorker:
         self.reference: SketchState | None = None
         if mode == "two_pass_sample":
             # Loaded now: the version ('latest' resolved) names the consumer group.
-            self.reference = load_reference(core, self._store)
+            self.reference = wait_for_reference(core, self._store, self.settings.sketch_wait_s)
             version = self.reference.version
+        self.partitions = PartitionSketches(core, self._store) if mode == "two_pass_build" else None
         dropped = self.settings.dropped_topic_name if mode != "two_pass_build" else ""
         kafka = pass_kafka_settings(self.settings, version)
         fingerprint = self.settings.decision_fingerprint()
         decision = f"{core.model_version}+sketch.v{version}+config.{fingerprint}"
         self.stage_worker = StageWorker(
-            core, kafka, metrics, stage=STAGE, dropped_topic=dropped, decision_version=decision
+            self.partitions or core,
+            kafka,
+            metrics,
+            stage=STAGE,
+            dropped_topic=dropped,
+            decision_version=decision,
+            state=self.partitions,
         )
-        self.published: str | None = None
+        self.published: list[str] = []
+        """Pass 1: the last checkpoint this worker wrote of each partition it held."""
 
     def request_stop(self) -> None:
         self.stage_worker.request_stop()
 
     def run(self) -> WorkerStats:
-        """Run the mode to its end: pass 1 returns once drained and published; pass 2 and
-        online run until stopped."""
+        """Run the mode to its end: pass 1 returns once drained (every partition it holds
+        checkpointed); pass 2 and online run until stopped."""
         mode = self.settings.mode
         idle = self.settings.build_idle_timeout_s if mode == "two_pass_build" else None
         stats = self.stage_worker.run(idle_timeout_s=idle)
-        if mode == "two_pass_build":
-            self.published = publish_part(self.core, self._store)
+        if self.partitions is not None:
+            self.published = sorted(self.partitions.written.values())
+            log.info("pass 1 done: %d partition checkpoint(s) written", len(self.published))
         return stats
 
     @property

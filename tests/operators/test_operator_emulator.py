@@ -549,7 +549,7 @@ def test_example_two_pass_density_starts_and_is_scaled_on_its_sample_group(
                 procs.append(proc)
                 assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
             merged = (tmp_path / "merge.log").read_text()
-            assert f"merged 1 parts of corpus v1: n={len(samples)}" in merged, merged[-3000:]
+            assert f"merged 2 partitions of corpus v1: n={len(samples)}" in merged, merged[-3000:]
 
             # The Deployment's pod: pass 2 against the merged sketch.
             log = tmp_path / "sample.log"

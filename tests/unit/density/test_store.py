@@ -1,5 +1,6 @@
-"""The sketch store against a real S3 server (moto): layout, parts -> merge -> latest,
-immutability, and errors mapped onto the error hierarchy."""
+"""The sketch store against a real S3 server (moto): layout, partition checkpoints -> merge ->
+latest, the latest checkpoint winning, immutability, and errors mapped onto the error
+hierarchy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pydantic import SecretStr
 from services.density.core import DensityCore
 from services.density.settings import DensitySettings, SketchSettings, StoreSettings
 from services.density.state import SketchState
-from services.density.store import SketchStore
+from services.density.store import Checkpoint, SketchStore
 from services.runtime.errors import (
     ConfigError,
     DecodeError,
@@ -50,57 +51,99 @@ def _part(name: str, version: int, seed: int, n: int) -> SketchState:
     return core.state()
 
 
-def test_parts_merge_into_a_versioned_sketch(s3_server: Server) -> None:
+def _ckpt(part: SketchState, partition: int, offset: int, topic: str = "t") -> Checkpoint:
+    return Checkpoint(topic, partition, offset, part, worker_id=f"w{partition}")
+
+
+def test_checkpoints_merge_into_a_versioned_sketch(s3_server: Server) -> None:
     store = SketchStore(_store_settings(s3_server.address))
     a, b = _part("news", 1, seed=1, n=200), _part("news", 1, seed=2, n=120)
     fp = a.fingerprint
-    key = store.put_part(a, "worker-a")
-    assert key == f"density/test/news/{fp}/v1/parts/worker-a.sketch"
-    store.put_part(b, "worker-b")
-    assert store.part_ids("news", fp, 1) == ["worker-a", "worker-b"]
+    key = store.put_checkpoint(_ckpt(a, 0, 50))
+    assert key == f"density/test/news/{fp}/v1/partitions/t/0/{50:020d}.ckpt"
+    store.put_checkpoint(_ckpt(b, 1, 30))
+    assert [(c.label, c.offset, c.state.n) for c in store.checkpoints("news", fp, 1)] == [
+        ("t-0", 50, a.n),
+        ("t-1", 30, b.n),
+    ]
     with pytest.raises(NotFound):
         store.load_merged("news", fp)  # nothing merged yet
+    assert not store.is_merged("news", fp, 1)
 
-    merged = store.merge_parts("news", a.sketch.params, 1)
+    merged = store.merge_checkpoints("news", a.sketch.params, 1)
     assert merged.n == a.n + b.n
-    assert [(p.worker_id, p.n) for p in merged.parts] == [("worker-a", a.n), ("worker-b", b.n)]
+    assert [(p.worker_id, p.n, p.partition, p.offset) for p in merged.parts] == [
+        ("w0", a.n, "t-0", 50),
+        ("w1", b.n, "t-1", 30),
+    ]
+    assert store.is_merged("news", fp, 1)
     assert store.exists(f"density/test/news/{fp}/v1.sketch")
-    assert store.exists(f"density/test/news/{fp}/v1.json")
 
     loaded = store.load_merged("news", fp)  # latest
     assert loaded.version == 1
+    assert loaded.parts == merged.parts
     np.testing.assert_array_equal(loaded.sketch.counts, a.sketch.counts + b.sketch.counts)
     np.testing.assert_array_equal(loaded.calibration.keys, merged.calibration.keys)
     assert loaded.embedding_model == "packaged:all-minilm-l6-v2"
 
     # A merged version is immutable unless overwritten on purpose.
     with pytest.raises(FailedPrecondition, match="already merged"):
-        store.merge_parts("news", a.sketch.params, 1)
-    assert store.merge_parts("news", a.sketch.params, 1, overwrite=True).n == merged.n
+        store.merge_checkpoints("news", a.sketch.params, 1)
+    assert store.merge_checkpoints("news", a.sketch.params, 1, overwrite=True).n == merged.n
 
     # Versions: the latest is loaded by default, any one by number.
     v2 = _part("news", 2, seed=3, n=40)
-    store.put_part(v2, "worker-c")
-    store.merge_parts("news", v2.sketch.params, 2)
+    store.put_checkpoint(_ckpt(v2, 0, 7))
+    store.merge_checkpoints("news", v2.sketch.params, 2)
     assert store.versions("news", fp) == [1, 2]
     assert store.load_merged("news", fp).n == v2.n
     assert store.load_merged("news", fp, 1).n == merged.n
 
 
+def test_the_latest_checkpoint_of_a_partition_wins_and_older_ones_go(s3_server: Server) -> None:
+    store = SketchStore(_store_settings(s3_server.address))
+    early, late = _part("p", 1, seed=5, n=40), _part("p", 1, seed=6, n=90)
+    fp = early.fingerprint
+    assert store.latest_checkpoint("p", fp, 1, "t", 0) is None
+    store.put_checkpoint(_ckpt(early, 0, 9))
+    store.put_checkpoint(_ckpt(late, 0, 120))  # offsets sort numerically, not as text
+    found = store.latest_checkpoint("p", fp, 1, "t", 0)
+    assert found is not None and (found.offset, found.state.n) == (120, late.n)
+    np.testing.assert_array_equal(found.state.sketch.counts, late.sketch.counts)
+    np.testing.assert_array_equal(found.state.calibration.vectors, late.calibration.vectors)
+    assert store.objects.keys(store.checkpoint_folder("p", fp, 1, "t", 0)) == [
+        f"density/test/p/{fp}/v1/partitions/t/0/{120:020d}.ckpt"
+    ]
+    # A late write from a fenced worker adds an older checkpoint; it never hides the newer.
+    store.put_checkpoint(_ckpt(early, 0, 9))
+    found = store.latest_checkpoint("p", fp, 1, "t", 0)
+    assert found is not None and found.offset == 120
+    assert store.merge_checkpoints("p", early.sketch.params, 1).n == late.n
+
+
+def test_checkpoint_bytes_round_trip_and_refuse_garbage() -> None:
+    part = _part("r", 1, seed=7, n=30)
+    back = Checkpoint.from_bytes(_ckpt(part, 2, 11, topic="in.x").to_bytes())
+    assert (back.topic, back.partition, back.offset, back.worker_id) == ("in.x", 2, 11, "w2")
+    assert (back.state.name, back.state.version, back.state.n) == ("r", 1, part.n)
+    np.testing.assert_array_equal(back.state.sketch.counts, part.sketch.counts)
+    for bad in (b"", b"garbage", _ckpt(part, 0, 1).to_bytes()[:-10]):
+        with pytest.raises(DecodeError):
+            Checkpoint.from_bytes(bad)
+
+
 def test_missing_and_corrupt_objects(s3_server: Server) -> None:
     store = SketchStore(_store_settings(s3_server.address))
     params = _part("x", 1, seed=4, n=20).sketch.params
-    with pytest.raises(NotFound, match="no parts"):
-        store.merge_parts("x", params, 1)
+    with pytest.raises(NotFound, match="no pass-1 checkpoints"):
+        store.merge_checkpoints("x", params, 1)
     with pytest.raises(NotFound):
         store.load_merged("x", params.fingerprint(), 5)
     part = _part("x", 1, seed=4, n=20)
-    store.put_part(part, "w")
-    fp = part.fingerprint
-    key = store.part_key("x", fp, 1, "w", "sketch")
+    key = store.put_checkpoint(_ckpt(part, 0, 3))
     store.client.put_object(store.bucket, key, io.BytesIO(b"garbage"), 7)
     with pytest.raises(DecodeError):
-        store.merge_parts("x", params, 1)
+        store.merge_checkpoints("x", params, 1)
 
 
 def test_unreachable_store_is_unavailable() -> None:
