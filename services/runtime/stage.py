@@ -87,9 +87,9 @@ class StageSettings(ServiceSettings):
         defaults = {"input_topic": t.input, "output_topic": t.output, "group_id": t.group}
         unset = {k: v for k, v in defaults.items() if k not in kafka.model_fields_set}
         if unset:
-            filled = type(kafka).model_construct(
-                _fields_set=set(kafka.model_fields_set), **{**kafka.model_dump(), **unset}
-            )
+            # A copy keeps nested blocks (kafka.security) models; a dump would leave dicts.
+            filled = kafka.model_copy(update=unset)
+            object.__setattr__(filled, "__pydantic_fields_set__", set(kafka.model_fields_set))
             object.__setattr__(self, "kafka", filled)  # not marked as set, like a default
         return self
 
