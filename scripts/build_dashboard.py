@@ -24,8 +24,14 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str, int]] = [
         "Samples in / out per stage (per second)",
         "ops",
         [
-            ("{{stage}} in", f"sum by (stage) (rate(sluice_stage_samples_in_total[{WINDOW}]))"),
-            ("{{stage}} out", f"sum by (stage) (rate(sluice_stage_samples_out_total[{WINDOW}]))"),
+            (
+                "{{stage}} {{transport}} in",
+                f"sum by (stage, transport) (rate(sluice_stage_samples_in_total[{WINDOW}]))",
+            ),
+            (
+                "{{stage}} {{transport}} out",
+                f"sum by (stage, transport) (rate(sluice_stage_samples_out_total[{WINDOW}]))",
+            ),
         ],
         "timeseries",
         12,
@@ -35,14 +41,14 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str, int]] = [
         "percentunit",
         [
             (
-                "{{stage}} samples",
-                f"sum by (stage) (rate(sluice_stage_samples_out_total[{WINDOW}])) / "
-                f"sum by (stage) (rate(sluice_stage_samples_in_total[{WINDOW}]))",
+                "{{stage}} {{transport}} samples",
+                f"sum by (stage, transport) (rate(sluice_stage_samples_out_total[{WINDOW}])) / "
+                f"sum by (stage, transport) (rate(sluice_stage_samples_in_total[{WINDOW}]))",
             ),
             (
-                "{{stage}} tokens",
-                f"sum by (stage) (rate(sluice_stage_tokens_out_total[{WINDOW}])) / "
-                f"sum by (stage) (rate(sluice_stage_tokens_in_total[{WINDOW}]))",
+                "{{stage}} {{transport}} tokens",
+                f"sum by (stage, transport) (rate(sluice_stage_tokens_out_total[{WINDOW}])) / "
+                f"sum by (stage, transport) (rate(sluice_stage_tokens_in_total[{WINDOW}]))",
             ),
         ],
         "timeseries",
