@@ -15,6 +15,7 @@ from services.runtime.convert import (
 )
 from services.runtime.errors import InvalidArgument
 from services.runtime.metrics import StageMetrics
+from services.runtime.registry import Register, registration
 from services.scoring.core import ScoringCore
 
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
@@ -57,13 +58,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             yield self._score(request)
 
 
-def register(core: ScoringCore, metrics: StageMetrics):  # type: ignore[no-untyped-def]
-    """A ``register`` callback for services.runtime.grpc_server.serve."""
-
-    def _register(server: grpc.Server) -> list[str]:
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(
-            ScoringServicer(core, metrics), server
-        )
-        return [SERVICE_NAME]
-
-    return _register
+def register(core: ScoringCore, metrics: StageMetrics) -> Register:
+    """The stage's servicer, for services.runtime.grpc_server.serve."""
+    add = scoring_pb2_grpc.add_ScoringServiceServicer_to_server
+    return registration(add, ScoringServicer(core, metrics), SERVICE_NAME)
