@@ -2,14 +2,16 @@
 
 Delivery is one switch, ``kafka.processing_guarantee``:
 
-- ``exactly_once`` (default): each poll is one producer transaction. The outputs of the
-  poll's records (kept, dropped and dead-lettered copies) and the consumed offsets
-  (``send_offsets_to_transaction`` with the consumer's group metadata, KIP-447) commit
-  together or not at all. Readers use ``isolation_level=read_committed`` (every stage does)
-  and see each output exactly once, however often a worker is killed. A restarted worker
-  with the same ``kafka.instance_id`` fences its previous incarnation at once
-  (``init_transactions``) and rejoins the group as the same static member; zombies of an
-  old group generation are fenced by the broker when they try to commit offsets.
+- ``exactly_once`` (default): the outputs of up to ``transaction_interval_ms`` of polls
+  (kept, dropped and dead-lettered copies) are buffered while the processor runs, then sent
+  in one producer transaction with the consumed offsets (``send_offsets_to_transaction``
+  with the consumer's group metadata, KIP-447): they commit together or not at all, and no
+  transaction is open at the broker while a batch is being processed. Readers use
+  ``isolation_level=read_committed`` (every stage does) and see each output exactly once,
+  however often a worker is killed. A restarted worker with the same ``kafka.instance_id``
+  fences its previous incarnation at once (``init_transactions``) and rejoins the group as
+  the same static member; zombies of an old group generation are fenced by the broker when
+  they try to commit offsets.
 - ``at_least_once``: a record's offset is committed only after every output it produced
   was acknowledged (acks=all), and only the unbroken run of finished records of each
   partition; a crash between acknowledgement and commit redelivers those records.
@@ -99,17 +101,37 @@ class WorkerStats:
         return max(0.0, self.last_commit_at - self.first_record_at)
 
 
+class _SendBuffer:
+    """The outputs of one exactly-once transaction, held in memory until it commits. The
+    processor runs with nothing open at the broker, so a slow batch (an LLM stage on a busy
+    CPU) can never outlive ``transaction_timeout_ms``: the transaction spans only the sends."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes | None, bytes | None, Headers]] = []
+        self.bytes = 0
+
+    def send(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None,
+        headers: Headers | None = None,
+    ) -> None:  # fmt: skip
+        self.items.append((topic, value, key, list(headers or [])))
+        self.bytes += len(value or b"") + len(key or b"")
+
+
 @dataclass
 class _Transaction:
-    """An open producer transaction of the exactly-once loop."""
+    """The exactly-once loop's pending transaction: outputs buffered, offsets remembered."""
 
     opened_at: float
     start: dict[TopicPartition, int] = field(default_factory=dict)  # first offset per partition
     done: dict[TopicPartition, int] = field(default_factory=dict)  # next offset per partition
     records: int = 0
+    buffer: _SendBuffer = field(default_factory=_SendBuffer)
 
     def due(self, settings: KafkaSettings) -> bool:
-        return (time.monotonic() - self.opened_at) * 1000 >= settings.transaction_interval_ms
+        return (time.monotonic() - self.opened_at) * 1000 >= settings.transaction_interval_ms or (
+            self.buffer.bytes >= settings.transaction_max_bytes
+        )
 
 
 class StageState(Protocol):
@@ -308,10 +330,8 @@ class StageWorker:
                     if not self.exactly_once:
                         self._handle_poll(consumer, producer, polled)
                     else:
-                        if txn is None:
-                            producer.begin_transaction()
-                            txn = _Transaction(time.monotonic())
-                        txn = self._add_to_transaction(consumer, producer, txn, polled)
+                        txn = txn or _Transaction(time.monotonic())
+                        self._add_to_transaction(txn, polled)
                 if txn is not None and (not polled or txn.due(self.settings)):
                     self._commit_transaction(consumer, producer, txn)
                     txn = None
@@ -333,7 +353,7 @@ class StageWorker:
 
     # -- one poll --------------------------------------------------------
     def _process_records(
-        self, producer: KafkaProducer, polled: dict[TopicPartition, list[Any]]
+        self, producer: KafkaProducer | _SendBuffer, polled: dict[TopicPartition, list[Any]]
     ) -> tuple[dict[TopicPartition, int], list[Any]]:
         """Handle the records of one poll in order; the next offset per partition handled
         and the futures of everything sent. Stops between records when asked to."""
@@ -374,37 +394,36 @@ class StageWorker:
             self.stats.last_commit_at = time.monotonic()
 
     def _add_to_transaction(
-        self,
-        consumer: KafkaConsumer,
-        producer: KafkaProducer,
-        txn: _Transaction,
-        polled: dict[TopicPartition, list[Any]],
-    ) -> _Transaction | None:
-        """Exactly-once: handle a poll inside the open transaction (outputs sent, offsets
-        remembered). A transaction spans polls until ``transaction_interval_ms``, so its
-        fixed cost (four broker round trips) is shared by many batches."""
+        self, txn: _Transaction, polled: dict[TopicPartition, list[Any]]
+    ) -> None:
+        """Exactly-once: process a poll into the pending transaction (outputs buffered,
+        offsets remembered). A transaction collects polls for ``transaction_interval_ms`` (or
+        ``transaction_max_bytes`` of output), so its fixed cost (four broker round trips) is
+        shared by many batches."""
         for tp, records in polled.items():
             if records:
                 txn.start.setdefault(tp, records[0].offset)
-        try:
-            done, _futures = self._process_records(producer, polled)
-        except KafkaError as exc:
-            self._abort(consumer, producer, txn, exc)
-            return None
+        done, _ = self._process_records(txn.buffer, polled)
         txn.done.update(done)
         txn.records += sum(len(r) for r in polled.values())
-        return txn
 
     def _commit_transaction(
         self, consumer: KafkaConsumer, producer: KafkaProducer, txn: _Transaction
     ) -> None:
-        """The transaction's outputs and its input offsets become visible together. If it
-        cannot commit (a rebalance took its partitions, a broker failed over) it is aborted
-        and the consumer rewinds to its first offsets: nothing of it is visible, nothing
-        is skipped."""
+        """Send the transaction's outputs and its input offsets, and commit: they become
+        visible together. If it cannot commit (a rebalance took its partitions, a broker
+        failed over) it is aborted and the consumer rewinds to its first offsets: nothing of
+        it is visible, nothing is skipped."""
+        if not txn.done and not txn.buffer.items:
+            return
         if txn.done and self.state is not None:
             self.state.checkpoint(dict(txn.done))
+        began = False
         try:
+            producer.begin_transaction()
+            began = True
+            for topic, value, key, headers in txn.buffer.items:
+                producer.send(topic, value=value, key=key, headers=headers)
             if txn.done:
                 producer.send_offsets_to_transaction(
                     {tp: OffsetAndMetadata(off, "", -1) for tp, off in txn.done.items()},
@@ -417,15 +436,22 @@ class StageWorker:
             # A newer incarnation owns this transactional id: this one must not go on.
             raise Unavailable(f"producer fenced by a newer instance: {exc}") from exc
         except KafkaError as exc:
-            self._abort(consumer, producer, txn, exc)
+            self._abort(consumer, producer, txn, exc, began=began)
 
     def _abort(
-        self, consumer: KafkaConsumer, producer: KafkaProducer, txn: _Transaction, exc: Exception
+        self,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        txn: _Transaction,
+        exc: Exception,
+        *,
+        began: bool = True,
     ) -> None:
         self.stats.aborts += 1
         log.warning("transaction aborted (%s); rewinding to its first offsets", exc)
         try:
-            producer.abort_transaction()
+            if began:
+                producer.abort_transaction()
         except ProducerFencedError as fenced:
             raise Unavailable(f"producer fenced by a newer instance: {fenced}") from fenced
         except KafkaError as again:
@@ -441,7 +467,7 @@ class StageWorker:
             self.state.on_revoked(sorted(assigned))
             self._resume(sorted(assigned))
 
-    def _handle_record(self, producer: KafkaProducer, rec: Any) -> list[Any]:
+    def _handle_record(self, producer: KafkaProducer | _SendBuffer, rec: Any) -> list[Any]:
         s = self.settings
         source = f"{rec.topic}-{rec.partition}-{rec.offset}"
         self.stats.records += 1
@@ -519,7 +545,9 @@ class StageWorker:
         mid = len(samples) // 2
         return self._fit(samples[:mid], f"{batch_id}.0") + self._fit(samples[mid:], f"{batch_id}.1")
 
-    def _dead_letter(self, producer: KafkaProducer, rec: Any, reason: str, error: str) -> Any:
+    def _dead_letter(
+        self, producer: KafkaProducer | _SendBuffer, rec: Any, reason: str, error: str
+    ) -> Any:
         """Send a copy of ``rec`` to the dead-letter topic with why, where from and how big.
         The value is kept whole when it fits the producer's limit, else truncated (the
         original size in a header): a dead letter must never fail to be written."""

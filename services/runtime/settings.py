@@ -197,8 +197,14 @@ class KafkaSettings(StrictModel):
         "commit's cost over more batches; shorter makes outputs visible to read_committed "
         "readers sooner. A transaction also commits whenever a poll returns nothing.",
     )
+    transaction_max_bytes: int = Field(
+        64 * MiB,
+        ge=1024,
+        description="exactly_once: a transaction's outputs are held in memory until it "
+        "commits; it commits early once they reach this many bytes.",
+    )
     transaction_timeout_ms: int = Field(
-        120000,
+        60000,
         ge=1000,
         description="How long the broker lets a transaction stay open before aborting it; "
         "must exceed the time to process one poll (max_poll_records batches). A worker that "

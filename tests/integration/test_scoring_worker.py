@@ -1,5 +1,5 @@
 """The scoring stage end to end over a real Kafka-protocol broker (Tansu):
-1,000 samples in, each out exactly once with an Ask-LLM score in [0, 1];
+400 samples in, each out exactly once with an Ask-LLM score in [0, 1];
 garbage goes to the dead-letter topic and the worker keeps going; the
 Prometheus endpoint reports the counts."""
 
@@ -25,7 +25,7 @@ from tests.integration.kafka_util import decode_all, read_topic, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-N = 1000
+N = 400
 
 
 def _texts(n: int) -> list[str]:
@@ -34,7 +34,7 @@ def _texts(n: int) -> list[str]:
         for line in Path(datapath("lee_background.cor")).read_text(encoding="utf-8").splitlines()
         if line.strip()
     ]
-    # short snippets keep the test's LLM work small: 1,000 prefill passes
+    # short snippets keep the test's LLM work small: 400 prefill passes
     return [" ".join(docs[i % len(docs)].split()[(i // len(docs)) * 7 :][:30]) for i in range(n)]
 
 

@@ -98,6 +98,9 @@ class Producer:
             raise KafkaError("rebalance in progress")
         self.journal.append(("txn-offsets", {tp: o.offset for tp, o in offsets.items()}))
 
+    def begin_transaction(self) -> None:
+        self.journal.append(("txn-begin",))
+
     def commit_transaction(self) -> None:
         self.journal.append(("txn-commit",))
 
@@ -154,12 +157,13 @@ def test_exactly_once_checkpoints_before_the_transaction_commits(journal: Journa
     worker = _worker("exactly_once", state)
     consumer, producer = Consumer(journal), Producer(journal)
     txn = _Transaction(0.0)
-    worker._add_to_transaction(consumer, producer, txn, {T1: _records(T1, range(7, 9))})  # type: ignore[arg-type]
+    worker._add_to_transaction(txn, {T1: _records(T1, range(7, 9))})
     worker._commit_transaction(consumer, producer, txn)  # type: ignore[arg-type]
     assert journal == [
         ("record", T1, 7),
         ("record", T1, 8),
         ("checkpoint", {T1: 9}),
+        ("txn-begin",),
         ("txn-offsets", {T1: 9}),
         ("txn-commit",),
     ]
@@ -173,10 +177,10 @@ def test_an_aborted_transaction_resumes_where_the_state_says(journal: Journal) -
     consumer, producer = Consumer(journal), Producer(journal, fail_offsets=True)
     txn = _Transaction(0.0)
     worker._consumer = consumer  # type: ignore[assignment]
-    worker._add_to_transaction(consumer, producer, txn, {T1: _records(T1, range(7, 9))})  # type: ignore[arg-type]
+    worker._add_to_transaction(txn, {T1: _records(T1, range(7, 9))})
     journal.clear()
     worker._commit_transaction(consumer, producer, txn)  # type: ignore[arg-type]
-    assert journal[:2] == [("checkpoint", {T1: 9}), ("txn-abort",)]
+    assert journal[:3] == [("checkpoint", {T1: 9}), ("txn-begin",), ("txn-abort",)]
     assert ("revoked", (T0, T1)) in journal and ("assigned", (T0, T1)) in journal
     seeks = [e for e in journal if e[0] == "seek"]
     assert seeks[-2:] == [("seek", T0, 0), ("seek", T1, 9)]  # the state's, after txn.start's
