@@ -231,6 +231,11 @@ class StageWorker:
         """Ask the loop to stop after the record in hand (thread- and signal-safe)."""
         self._stop.set()
 
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions this worker owns right now (empty before it joined its group)."""
+        consumer = self._consumer
+        return set(consumer.assignment()) if consumer is not None else set()
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT -> graceful stop. Call from the main thread."""
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -92,6 +92,7 @@ def _run_pass_1(
     store_settings: StoreSettings,
     embedder: SentenceTransformerEmbedder,
     expect: int,
+    publish_all: Callable[[], None],
 ) -> list[DensityWorker]:
     store = SketchStore(store_settings)
     workers = []
@@ -106,6 +107,17 @@ def _run_pass_1(
     threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
     for t in threads:
         t.start()
+    # Publish only once the group has settled with partitions on both workers, so that each
+    # one sketches a share (otherwise the first to join may drain the topic alone).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        owned = [w.stage_worker.assignment() for w in workers]
+        if all(owned) and sum(map(len, owned)) == 4:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the group never split its partitions: {owned}")
+    publish_all()
     # Stop them (as SIGTERM would) once the topic is drained: each publishes its part on
     # the way out. (Unattended, a worker stops after build_idle_timeout_s without input.)
     deadline = time.monotonic() + 60
@@ -155,12 +167,6 @@ def test_two_pass_density_over_kafka_and_s3(
     samples = data.samples(prefix="vec-")
     text_samples = [Sample(id=f"text-{i}", text=t) for i, t in enumerate(TEXTS)]
     everything = samples + text_samples
-    producer = KafkaProducer(bootstrap_servers=[kafka_bootstrap], acks="all")
-    publish(producer, topics[0], samples[:300], batch_size=40, batch_prefix="a")
-    publish(producer, topics[0], text_samples, batch_size=40, batch_prefix="t")
-    publish(producer, topics[0], samples[300:], batch_size=40, batch_prefix="b")
-    producer.close()
-
     store_settings = StoreSettings(
         endpoint=s3_server.address,
         bucket=f"sketches-{uuid.uuid4().hex[:6]}",
@@ -169,7 +175,17 @@ def test_two_pass_density_over_kafka_and_s3(
         secret_key=SecretStr("test"),
         create_bucket=True,
     )
-    builders = _run_pass_1(kafka_bootstrap, topics, store_settings, embedder, len(everything))
+
+    def publish_all() -> None:
+        producer = KafkaProducer(bootstrap_servers=[kafka_bootstrap], acks="all")
+        publish(producer, topics[0], samples[:300], batch_size=40, batch_prefix="a")
+        publish(producer, topics[0], text_samples, batch_size=40, batch_prefix="t")
+        publish(producer, topics[0], samples[300:], batch_size=40, batch_prefix="b")
+        producer.close()
+
+    builders = _run_pass_1(
+        kafka_bootstrap, topics, store_settings, embedder, len(everything), publish_all
+    )
     published = [w.published for w in builders]
     assert all(published), f"a pass-1 worker published nothing: {published}"
     assert sum(w.stage_worker.stats.samples_in for w in builders) == len(everything)
