@@ -1,0 +1,1 @@
+"""Deduplication stage: exact, MinHash-LSH near-duplicate and semantic, on shared state."""
