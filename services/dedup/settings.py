@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from services.runtime.backends.embeddings import EmbeddingSettings
 from services.runtime.settings import StrictModel
@@ -96,6 +96,11 @@ class StateSettings(StrictModel):
     )
     redis_url: str = Field(
         "redis://localhost:6379/0", description="redis:// or rediss:// URL (no password)."
+    )
+    redis_password: SecretStr = Field(
+        SecretStr(""),
+        description="Redis password (env SLUICE_DEDUP_STATE__REDIS_PASSWORD, from a Secret); "
+        "redis_password_file wins when both are set.",
     )
     redis_password_file: str = Field(
         "", description="File holding the Redis password (a mounted Secret); '' = none."

@@ -81,7 +81,7 @@ class RedisStore:
         self.prefix = settings.key_prefix.encode()
         self.ttl = settings.ttl_seconds or None
         if client is None:
-            password = None
+            password = settings.redis_password.get_secret_value() or None
             if settings.redis_password_file:
                 try:
                     password = Path(settings.redis_password_file).read_text().rstrip("\r\n")

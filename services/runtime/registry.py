@@ -157,6 +157,7 @@ STAGES: tuple[StageSpec, ...] = (
         core="services.scoring.core:ScoringCore",
         register="services.scoring.grpc_service:register",
         topics=Topics("sluice.ingest", "sluice.scored", "sluice-scoring"),
+        worker="services.scoring.worker:make_worker",
     ),
     StageSpec(
         name="density",
@@ -195,6 +196,14 @@ STAGES: tuple[StageSpec, ...] = (
         register="services.distill.grpc_service:register",
         topics=Topics("sluice.scored", "sluice.distilled", "sluice-distill"),
         object_store="topk_store.s3",
+    ),
+    StageSpec(
+        name="dedup",
+        description="exact, MinHash-LSH near-duplicate and semantic dedup on shared state",
+        settings="services.dedup.settings:DedupSettings",
+        core="services.dedup.store:build_core",
+        register="services.dedup.grpc_service:register",
+        topics=Topics("sluice.ingest", "sluice.deduped", "sluice-dedup"),
     ),
 )
 

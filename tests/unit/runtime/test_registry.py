@@ -53,7 +53,7 @@ def test_declaration_matches_the_settings_class(kind: str) -> None:
 
 def test_unknown_kind_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="known: scoring, density"):
-        stage("dedup")
+        stage("dedupe")
 
 
 def test_registry_and_settings_import_no_model_runtime() -> None:
