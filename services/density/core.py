@@ -43,6 +43,7 @@ from typing import Literal
 import numpy as np
 
 from services.density import sampler
+from services.density.bandwidth import BandwidthChoice, choose_width
 from services.density.settings import DensitySettings
 from services.density.sketch import RaceSketch, SketchParams
 from services.density.state import CalibrationSample, SketchState
@@ -70,7 +71,8 @@ ONLINE_RECALIBRATE_GROWTH = 1.05
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 CalibrationSource = Literal["sketch", "request"]
-Loader = Callable[[str, SketchParams], SketchState]
+Loader = Callable[[str, SketchParams | None], SketchState]
+"""Fetches a named sketch with these params (None: width 'auto', whatever was pinned)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,9 @@ class DensityCore:
         self._lock = threading.RLock()
         self._sketches: dict[str, SketchState] = {}
         self._calibration_cache: dict[str, tuple[int, np.ndarray]] = {}
+        self._bandwidth: BandwidthChoice | None = None
+        self._pending: list[tuple[list[str], np.ndarray]] = []
+        """online with width 'auto': the warm-up points, held until the width is chosen."""
         self.seconds = 0.0
         """Cumulative processing time (for run reports, not for decisions)."""
 
@@ -177,7 +182,72 @@ class DensityCore:
         return configured or self.embedder.dim
 
     def params(self) -> SketchParams:
-        return self.settings.sketch.params(self.dim)
+        """The stage sketch's params; FailedPrecondition while an 'auto' width is unchosen."""
+        return self.settings.sketch.params(self.dim, self.width)
+
+    @property
+    def width(self) -> float | None:
+        """The sketch width: configured, or chosen from the data (None: not yet)."""
+        configured = self.settings.sketch.width
+        if configured != "auto":
+            return configured
+        return self._bandwidth.width if self._bandwidth is not None else None
+
+    @property
+    def bandwidth(self) -> BandwidthChoice | None:
+        """How an 'auto' width was chosen (None for a configured width or before)."""
+        return self._bandwidth
+
+    @property
+    def device(self) -> str:
+        """Where points are hashed: sketch.device, else the embedding device."""
+        return self.settings.sketch.device or self.settings.embedding.device
+
+    def choose_bandwidth(self, ids: Sequence[str], matrix: np.ndarray) -> BandwidthChoice:
+        """Choose an 'auto' width from these points (a bottom-k uniform sample of them, the
+        calibration sample's rule and size) and keep it. A configured width is not
+        changed; a chosen one is never replaced (sketches of two widths do not merge)."""
+        if self._bandwidth is not None:
+            return self._bandwidth
+        return self.set_bandwidth(self.propose_bandwidth(ids, matrix))
+
+    def propose_bandwidth(self, ids: Sequence[str], matrix: np.ndarray) -> BandwidthChoice:
+        """The width these points suggest (``choose_bandwidth`` without keeping it)."""
+        s = self.settings
+        sample = CalibrationSample(s.calibration_size, self.dim, s.seed)
+        sample.add(list(ids), matrix)
+        return choose_width(
+            sample.vectors,
+            s.sketch.hashes_per_row,
+            rule=s.sketch.bandwidth_rule,
+            quantile=s.sketch.bandwidth_quantile,
+            kernel=s.sketch.bandwidth_kernel,
+        )
+
+    def params_family(self) -> dict[str, int]:
+        """The sketch params other than the width (what an 'auto' width is chosen for)."""
+        sk = self.settings.sketch
+        return {
+            "dim": self.dim,
+            "rows": sk.rows,
+            "hashes_per_row": sk.hashes_per_row,
+            "buckets": sk.buckets,
+            "seed": sk.seed,
+        }
+
+    def set_bandwidth(self, choice: BandwidthChoice) -> BandwidthChoice:
+        """Adopt a width chosen elsewhere (pass 1's pin in the store)."""
+        if self.settings.sketch.width != "auto":
+            return choice
+        with self._lock:
+            if self._bandwidth is not None and self._bandwidth.width != choice.width:
+                raise FailedPrecondition(
+                    f"sketch width already chosen as {self._bandwidth.width}, cannot switch "
+                    f"to {choice.width}: sketches of different bandwidths do not merge"
+                )
+            self._bandwidth = choice
+        log.info("sketch width %s (%s, %d points)", choice.width, choice.rule, choice.sample)
+        return choice
 
     @property
     def embedding_model(self) -> str:
@@ -194,7 +264,7 @@ class DensityCore:
         """Lineage identifier: embedding model + sketch fingerprint (+ version)."""
         parts = [self.embedding_model]
         if state is not None:
-            parts.append(f"race-{state.fingerprint[:12]}")
+            parts.append(f"race-{state.fingerprint[:12]}-w{state.sketch.params.width:g}")
             if state.version is not None:
                 parts.append(f"v{state.version}")
         return "/".join(parts)
@@ -266,7 +336,8 @@ class DensityCore:
         """An empty sketch with this core's params and calibration settings."""
         params = self.params()
         calib = CalibrationSample(self.settings.calibration_size, params.dim, self.settings.seed)
-        return SketchState(name, RaceSketch(params), calib, self.embedding_model, version)
+        sketch = RaceSketch(params, device=self.device)
+        return SketchState(name, sketch, calib, self.embedding_model, version)
 
     def state(self, name: str = "") -> SketchState:
         """A named sketch: in memory, else from the loader, else NotFound."""
@@ -277,7 +348,8 @@ class DensityCore:
             return found
         if self.loader is None:
             raise NotFound(f"no sketch named {name!r}")
-        loaded = self.loader(name, self.params())
+        auto = self.settings.sketch.width == "auto"
+        loaded = self.loader(name, None if auto else self.params())
         return self.install(loaded)
 
     def ensure_state(self, name: str = "", version: int | None = None) -> SketchState:
@@ -295,6 +367,13 @@ class DensityCore:
                 f"sketch {state.name!r} was built with embedding model "
                 f"{state.embedding_model!r}; this service embeds with {self.embedding_model!r}"
             )
+        if state.name == self.name and self.settings.sketch.width == "auto":
+            width = state.sketch.params.width  # the loaded sketch's width is the stage's
+            if self._bandwidth is None or self._bandwidth.width != width:
+                self._bandwidth = BandwidthChoice(width, "loaded", 0, 0.0, 0.0, 0.0)
+        if state.sketch.device != RaceSketch(state.sketch.params, device=self.device).device:
+            sk = state.sketch
+            state.sketch = RaceSketch(sk.params, sk.counts, sk.n, device=self.device)
         with self._lock:
             self._sketches[state.name] = state
             self._calibration_cache.pop(state.name, None)
@@ -309,8 +388,11 @@ class DensityCore:
     def add(self, name: str, samples: Sequence[Sample]) -> SketchState:
         """Add samples to a named sketch (created if new)."""
         vecs = self.strict_vectors(samples)
+        ids = [s.id for s in samples]
+        if self.width is None:  # 'auto': the first points sketched choose it
+            self.choose_bandwidth(ids, vecs)
         state = self.ensure_state(name)
-        self._add(state, [s.id for s in samples], vecs)
+        self._add(state, ids, vecs)
         return state
 
     def merge_bytes(self, name: str, data: bytes) -> SketchState:
@@ -379,11 +461,12 @@ class DensityCore:
         worker keeps one sketch per input partition). Accepted samples are 'kept' (into the
         sketch), unusable ones dropped with a reason; nothing is annotated."""
         version = self.settings.sketch.version
-        state = into if into is not None else self.ensure_state(self.name, version)
         ok = vecs.ok
-        self._add(
-            state, [s.id for s, good in zip(samples, ok, strict=True) if good], vecs.matrix[ok]
-        )
+        ids = [s.id for s, good in zip(samples, ok, strict=True) if good]
+        if into is None and self.width is None:  # 'auto': the first batch chooses it
+            self.choose_bandwidth(ids, vecs.matrix[ok])
+        state = into if into is not None else self.ensure_state(self.name, version)
+        self._add(state, ids, vecs.matrix[ok])
         return [
             Outcome(s, kept=not err, reason=f"{REASON_BAD_EMBEDDING}" if err else "")
             for s, err in zip(samples, vecs.errors, strict=True)
@@ -402,10 +485,12 @@ class DensityCore:
 
     def online_batch(self, samples: Sequence[Sample], vecs: Vectors) -> list[Outcome]:
         """One pass: decide against the sketch so far, then add the batch."""
-        state = self.ensure_state(self.name)
         ok = vecs.ok
         ids = [s.id for s, good in zip(samples, ok, strict=True) if good]
         matrix = vecs.matrix[ok]
+        if self.width is None:  # 'auto': hold the warm-up, then choose the width from it
+            return self._online_unchosen(samples, vecs, ids, matrix)
+        state = self.ensure_state(self.name)
         with state.lock:
             dens = densities_before_add(state.sketch, matrix)
             warming = state.n < self.settings.warmup or len(state.calibration) == 0
@@ -414,7 +499,38 @@ class DensityCore:
         self._add(state, ids, matrix)
         return self._outcomes(state, samples, vecs, decisions)
 
+    def _online_unchosen(
+        self, samples: Sequence[Sample], vecs: Vectors, ids: list[str], matrix: np.ndarray
+    ) -> list[Outcome]:
+        """Online with an unchosen 'auto' width: keep everything (it is warm-up) and hold
+        the points; once ``warmup`` points (at least 2) are held, choose the width from
+        them, create the sketch and add them. Densities read as an empty sketch's."""
+        self._pending.append((ids, matrix))
+        held = sum(len(i) for i, _ in self._pending)
+        if held >= max(self.settings.warmup, 2):
+            all_ids = [i for chunk, _ in self._pending for i in chunk]
+            all_vecs = np.concatenate([m for _, m in self._pending])
+            self.choose_bandwidth(all_ids, all_vecs)
+            self._pending = []
+            state = self.ensure_state(self.name)
+            self._add(state, all_ids, all_vecs)
+        else:
+            state = self.new_unsized_state()
+        dens = np.ones(len(ids), dtype=np.float64)
+        decisions = self._decide(state, ids, dens, np.inf, "sketch", None)
+        return self._outcomes(state, samples, vecs, decisions)
+
+    def new_unsized_state(self) -> SketchState:
+        """A placeholder for outcomes before an 'auto' width is chosen (never stored)."""
+        params = self.settings.sketch.params(self.dim, 1.0)
+        calib = CalibrationSample(self.settings.calibration_size, params.dim, self.settings.seed)
+        return SketchState(self.name, RaceSketch(params), calib, self.embedding_model)
+
     # -- internals -------------------------------------------------------------------
+    def add_points(self, state: SketchState, ids: list[str], matrix: np.ndarray) -> None:
+        """Add unit vectors with their ids to a sketch and its calibration sample."""
+        self._add(state, ids, matrix)
+
     def _add(self, state: SketchState, ids: list[str], matrix: np.ndarray) -> None:
         if not ids:
             return
@@ -507,10 +623,18 @@ def run_bounded(core: DensityCore, batches: list[list[Sample]]) -> list[list[Out
     merged one."""
     if core.settings.mode == "online":
         return [core.online_batch(b, core.vectors(b)) for b in batches]
-    vectors = []
-    for b in batches:  # pass 1
-        vectors.append(core.vectors(b))
-        core.build_batch(b, vectors[-1])
+    vectors = [core.vectors(b) for b in batches]
+    if core.width is None:  # 'auto': chosen from a uniform sample of the whole input
+        ids = [
+            s.id
+            for b, v in zip(batches, vectors, strict=True)
+            for s, ok in zip(b, v.ok, strict=True)
+            if ok
+        ]
+        usable = [v.matrix[v.ok] for v in vectors]
+        core.choose_bandwidth(ids, np.concatenate(usable) if usable else np.zeros((0, core.dim)))
+    for b, v in zip(batches, vectors, strict=True):  # pass 1
+        core.build_batch(b, v)
     return [core.sample_batch(b, v) for b, v in zip(batches, vectors, strict=True)]
 
 

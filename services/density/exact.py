@@ -53,7 +53,7 @@ _QUERY_CHUNK = 256
 _POINT_CHUNK = 16384
 
 
-def _kernel(dist: torch.Tensor, width: float, hashes_per_row: int) -> torch.Tensor:
+def kernel_tensor(dist: torch.Tensor, width: float, hashes_per_row: int) -> torch.Tensor:
     """p(dist)^K, elementwise, in ``dist``'s dtype. Written as erf(t / sqrt 2) and expm1 so
     that neither term cancels for large distances (small t)."""
     t = torch.reciprocal(dist).mul_(width)  # dist = 0 -> t = inf -> p = 1
@@ -72,7 +72,7 @@ def collision_probability(dist: np.ndarray, width: float, hashes_per_row: int) -
         raise InvalidArgument(f"hashes_per_row must be >= 1, got {hashes_per_row}")
     if np.any(np.isnan(d)) or np.any(d < 0):
         raise InvalidArgument("distances must be non-negative numbers")
-    return _kernel(torch.from_numpy(d.copy()), width, hashes_per_row).numpy()
+    return kernel_tensor(torch.from_numpy(d.copy()), width, hashes_per_row).numpy()
 
 
 def _unit(x: np.ndarray, dim: int) -> torch.Tensor:
@@ -120,7 +120,7 @@ def accumulate_kde(
             q = queries[start : start + _QUERY_CHUNK]
             sq = torch.addmm(sq_pts, q, pts.t(), alpha=-2.0)
             sq += (q * q).sum(dim=1, keepdim=True)
-            k = _kernel(sq.clamp_(min=0.0).sqrt_(), params.width, params.hashes_per_row)
+            k = kernel_tensor(sq.clamp_(min=0.0).sqrt_(), params.width, params.hashes_per_row)
             out[start : start + len(q)] += k.sum(dim=1)  # chunk sums in k's dtype
 
 

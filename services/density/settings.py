@@ -1,7 +1,7 @@
 """Typed settings of the density service (env prefix ``SLUICE_DENSITY_``).
 
 Nested blocks use ``__``: ``SLUICE_DENSITY_STORE__ENDPOINT=minio:9000``,
-``SLUICE_DENSITY_SKETCH__WIDTH=0.8``.
+``SLUICE_DENSITY_SKETCH__WIDTH=0.8`` (default ``auto``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from services.runtime.backends.embeddings import EmbeddingSettings
-from services.runtime.errors import ConfigError
+from services.runtime.errors import ConfigError, FailedPrecondition
 from services.runtime.objectstore import ObjectStoreSettings
 from services.runtime.settings import StrictModel
 from services.runtime.stage import StageSettings
@@ -53,24 +53,60 @@ class SketchSettings(StrictModel):
     buckets: int = Field(
         4096, ge=2, description="B: buckets per row; rehash collisions add ~n/B to every score."
     )
-    width: float = Field(
-        1.4,
+    width: float | Literal["auto"] = Field(
+        "auto",
+        description="p-stable bucket width (the bandwidth) in L2-normalised space, or 'auto': "
+        "chosen from a uniform sample of the data by bandwidth_rule "
+        "(services.density.bandwidth) and recorded in the sketch's params (so its "
+        "fingerprint) and manifest. Pass 1 pins the chosen width once per sketch version in "
+        "the store, so every partition hashes alike; a number pins it by hand.",
+    )
+    bandwidth_rule: Literal["spread", "nn_quantile"] = Field(
+        "spread",
+        description="auto width: 'spread' = the width that maximises the spread of "
+        "log-density over the sample; 'nn_quantile' = the kernel equals bandwidth_kernel at "
+        "the bandwidth_quantile of the sample's nearest-neighbour distances.",
+    )
+    bandwidth_quantile: float = Field(
+        0.5,
         gt=0,
-        description="p-stable bucket width (bandwidth) in L2-normalised space; "
-        "services.density.exact.suggest_width picks it from a sample of embeddings.",
+        lt=1,
+        description="nn_quantile rule: which quantile of nearest-neighbour distances.",
+    )
+    bandwidth_kernel: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="nn_quantile rule: the kernel's value p^K at that distance.",
+    )
+    device: str = Field(
+        "",
+        description="torch device the points are hashed on ('cpu', 'cuda', 'cuda:1'); "
+        "'' = embedding.device. Not part of the identity: every device hashes alike.",
     )
     seed: int = Field(0, ge=0, description="Seed of the hash functions (part of the identity).")
 
-    def params(self, dim: int) -> SketchParams:
-        """The sketch parameters for embeddings of ``dim`` dimensions."""
+    @property
+    def auto_width(self) -> bool:
+        return self.width == "auto"
+
+    def params(self, dim: int, width: float | None = None) -> SketchParams:
+        """The sketch parameters for embeddings of ``dim`` dimensions; ``width`` is the
+        resolved bandwidth when ``width`` is 'auto' (ignored otherwise)."""
         from services.density.sketch import SketchParams
 
+        chosen = width if self.width == "auto" else self.width
+        if chosen is None:
+            raise FailedPrecondition(
+                "sketch.width is 'auto' and no width has been chosen yet (it is chosen from "
+                "the first points sketched, or read from the version's pin in the store)"
+            )
         return SketchParams(
             dim=dim,
             rows=self.rows,
             hashes_per_row=self.hashes_per_row,
             buckets=self.buckets,
-            width=self.width,
+            width=chosen,
             seed=self.seed,
         )
 

@@ -82,6 +82,7 @@ _HASH_ABS_LIMIT = float(1 << 20)
 _WORD_BITS = 38
 _WORD_MASK = (1 << _WORD_BITS) - 1
 _CHUNK_ROWS = 8192
+_DEVICE_CHUNK_ROWS = 65536
 _F32_EPS = float(np.finfo(np.float32).eps)
 
 
@@ -138,8 +139,9 @@ class _Hasher:
     (R*K, n), so that the K blocks combined by the rehash are contiguous.
     """
 
-    def __init__(self, params: SketchParams) -> None:
+    def __init__(self, params: SketchParams, device: torch.device | None = None) -> None:
         r, k, b = params.rows, params.hashes_per_row, params.buckets
+        dev = torch.device("cpu") if device is None else device
         # The draw order is part of HASH_SCHEME: never reorder these lines.
         rng = np.random.default_rng(params.seed)
         w = rng.standard_normal((r * k, params.dim)) / params.width
@@ -154,17 +156,19 @@ class _Hasher:
                 f"would reach {bound:.3g} (limit {_HASH_ABS_LIMIT:.0f})"
             )
         self.params = params
-        self._w32 = torch.from_numpy(w.astype(np.float32))
-        self._w64 = torch.from_numpy(w)
-        self._b32 = torch.from_numpy(offset.astype(np.float32)[:, None])
-        self._b64 = torch.from_numpy(offset)
-        self._mult = torch.from_numpy(mult)
-        self._add = torch.from_numpy(add)
-        self._row_base = torch.arange(r, dtype=torch.int64)[:, None] * b
+        self.device = dev
+        self._w32 = torch.from_numpy(w.astype(np.float32)).to(dev)
+        self._w64 = torch.from_numpy(w).to(dev)
+        self._b32 = torch.from_numpy(offset.astype(np.float32)[:, None]).to(dev)
+        self._b64 = torch.from_numpy(offset).to(dev)
+        self._mult = torch.from_numpy(mult).to(dev)
+        self._add = torch.from_numpy(add).to(dev)
+        self._row_base = torch.arange(r, dtype=torch.int64, device=dev)[:, None] * b
         # The float32 error of a projection, in units of eps32 * bound, measured at most 2
-        # (dims 8 to 1024, inputs scaled 0.01 to 100, batches of 1 (gemv) and 20,000
-        # (gemm)). Projections within 16 units of a cell boundary are recomputed.
-        units = 16.0
+        # on CPU (dims 8 to 1024, inputs scaled 0.01 to 100, batches of 1 (gemv) and 20,000
+        # (gemm)). Projections within 16 units of a cell boundary are recomputed; on a GPU
+        # (other kernels, other summation orders, never TF32: see _project) 64 units.
+        units = 16.0 if dev.type == "cpu" else 64.0
         self._margin = units * _F32_EPS * bound
         shift = _WORD_BITS - (b.bit_length() - 1)
         self._pow2_shift = shift if b & (b - 1) == 0 else None
@@ -190,7 +194,7 @@ class _Hasher:
     def _cells(self, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """floor(w . x/|x| + b) per (hash, point), as integer-valued float32 (R*K, n)."""
         inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-        proj = torch.mm(self._w32, x.t())
+        proj = self._project(x)
         proj *= inv
         proj += self._b32
         cells = torch.floor(proj)
@@ -199,6 +203,19 @@ class _Hasher:
         if pts.numel():
             cells[cols, pts] = self._exact_cells(x, norms, cols, pts)
         return cells
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """w . x in float32. On CUDA, full float32 precision is forced for the product:
+        TF32 (10-bit mantissa) would move far more projections across cell boundaries than
+        the float64 recomputation margin covers."""
+        if self.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest":
+            return torch.mm(self._w32, x.t())
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return torch.mm(self._w32, x.t())
+        finally:
+            torch.set_float32_matmul_precision(previous)
 
     def _near_boundary(self, frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hash, point) indices whose fractional part is within the margin of 0 or 1. One
@@ -226,9 +243,24 @@ class _Hasher:
 
 
 @functools.lru_cache(maxsize=16)
-def _hasher_for(params: SketchParams) -> _Hasher:
-    """Hash functions are a pure function of the params: build them once per process."""
-    return _Hasher(params)
+def _hasher_for(params: SketchParams, device: str = "cpu") -> _Hasher:
+    """Hash functions are a pure function of the params: build them once per process and
+    device."""
+    return _Hasher(params, torch.device(device))
+
+
+def resolve_device(device: str) -> torch.device:
+    """A torch device for hashing; 'cuda' without a visible GPU is a configuration error,
+    never a silent fall-back to the CPU."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as exc:
+        raise InvalidArgument(f"bad sketch device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"sketch device {device!r} requested but torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"sketch device must be cpu or cuda, got {device!r}")
+    return dev
 
 
 def _as_points(x: np.ndarray, dim: int) -> np.ndarray:
@@ -250,10 +282,21 @@ class RaceSketch:
     """
 
     def __init__(
-        self, params: SketchParams, counts: np.ndarray | None = None, n: int | None = None
+        self,
+        params: SketchParams,
+        counts: np.ndarray | None = None,
+        n: int | None = None,
+        *,
+        device: str = "cpu",
+        tensor_counts: bool | None = None,
     ) -> None:
         self.params = params
-        self._hasher = _hasher_for(params)
+        dev = resolve_device(device)
+        self._hasher = _hasher_for(params, str(dev))
+        #: Count and look up on the hashing device with torch (bincount, gather) instead of
+        #: in place on the host array: the GPU path (default there). The counts array stays
+        #: the truth; ``tensor_counts=True`` on the CPU runs the same code, for tests.
+        self.tensor_counts = dev.type != "cpu" if tensor_counts is None else tensor_counts
         shape = (params.rows, params.buckets)
         if counts is None:
             self.counts = np.zeros(shape, dtype=np.int64)
@@ -271,30 +314,43 @@ class RaceSketch:
     @classmethod
     def empty_like(cls, template: RaceSketch | SketchParams) -> RaceSketch:
         """An empty sketch with the same identity as ``template`` (a sketch or params)."""
-        params = template.params if isinstance(template, RaceSketch) else template
-        return cls(params)
+        if isinstance(template, RaceSketch):
+            return cls(template.params, device=str(template.device))
+        return cls(template)
 
     @property
     def fingerprint(self) -> str:
         return self.params.fingerprint()
+
+    @property
+    def device(self) -> torch.device:
+        """Where points are hashed (not part of the identity: every device hashes alike)."""
+        return self._hasher.device
 
     def bucket_ids(self, x: np.ndarray) -> np.ndarray:
         """(N, dim) embeddings -> (N, rows) int64 bucket index (0..B-1) per row."""
         row_base = np.arange(self.params.rows, dtype=np.int64) * self.params.buckets
         out = np.empty((len(x), self.params.rows), dtype=np.int64)
         for start, ids in self._chunk_ids(x):
-            out[start : start + ids.shape[1]] = ids.numpy().T - row_base
+            out[start : start + ids.shape[1]] = ids.cpu().numpy().T - row_base
         return out
 
     def add(self, x: np.ndarray) -> None:
         """Count every point: one bucket per row. All or nothing: a bad batch raises
         before anything is counted."""
         flat = torch.from_numpy(self.counts).view(-1)
-        ones = torch.ones(self.params.rows * _CHUNK_ROWS, dtype=torch.int64)
         added = 0
-        for _, ids in self._chunk_ids(x):
-            flat.scatter_add_(0, ids.view(-1), ones[: ids.numel()])
-            added += ids.shape[1]
+        if self.tensor_counts:  # on the device: one histogram, copied back once
+            delta = torch.zeros(flat.numel(), dtype=torch.int64, device=self.device)
+            for _, ids in self._chunk_ids(x):
+                delta += torch.bincount(ids.view(-1), minlength=flat.numel())
+                added += ids.shape[1]
+            flat += delta.cpu()
+        else:
+            ones = torch.ones(self.params.rows * self._chunk, dtype=torch.int64)
+            for _, ids in self._chunk_ids(x):
+                flat.scatter_add_(0, ids.view(-1), ones[: ids.numel()])
+                added += ids.shape[1]
         self.n += added
 
     def score(self, x: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
@@ -305,9 +361,11 @@ class RaceSketch:
         sketch (pass 2 of a two-pass run) as if against all the *other* points.
         """
         flat = torch.from_numpy(self.counts).view(-1)
+        if self.tensor_counts:
+            flat = flat.to(self.device)
         out = np.empty(len(x), dtype=np.float64)
         for start, ids in self._chunk_ids(x):
-            out[start : start + ids.shape[1]] = flat.take(ids).sum(dim=0).numpy()
+            out[start : start + ids.shape[1]] = flat.take(ids).sum(dim=0).cpu().numpy()
         out /= self.params.rows
         if exclude_self:
             out -= 1.0
@@ -327,7 +385,9 @@ class RaceSketch:
     def merge(self, other: RaceSketch) -> RaceSketch:
         """A new sketch counting the points of both (exact: counts add)."""
         self._check_compatible(other)
-        return RaceSketch(self.params, self.counts + other.counts, self.n + other.n)
+        return RaceSketch(
+            self.params, self.counts + other.counts, self.n + other.n, device=str(self.device)
+        )
 
     def merge_into(self, other: RaceSketch) -> None:
         """Add ``other``'s counts to this sketch in place."""
@@ -341,6 +401,13 @@ class RaceSketch:
         if other.params != self.params:
             mine, theirs = self.params.model_dump(), other.params.model_dump()
             diff = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+            if set(diff) == {"width"}:
+                raise FailedPrecondition(
+                    f"cannot merge sketches with different bandwidths: width {self.params.width} "
+                    f"vs {other.params.width} (their kernels differ, so their counts do not "
+                    "add up). Parts of one sketch must share one width: pin sketch.width, or "
+                    "let pass 1 pin 'auto' once per version"
+                )
             raise FailedPrecondition(
                 f"cannot merge sketches with different params/seed "
                 f"({self.fingerprint} vs {other.fingerprint}; differing: {diff})"
@@ -352,9 +419,18 @@ class RaceSketch:
         norms = torch.linalg.vector_norm(pts, dim=1)
         if not bool(torch.isfinite(norms).all()):
             raise InvalidArgument("embeddings must be finite (a NaN, inf or overflow was found)")
-        for start in range(0, len(pts), _CHUNK_ROWS):
-            stop = start + _CHUNK_ROWS
-            yield start, self._hasher.flat_ids(pts[start:stop], norms[start:stop])
+        dev = self.device
+        for start in range(0, len(pts), self._chunk):
+            stop = start + self._chunk
+            chunk, chunk_norms = pts[start:stop], norms[start:stop]
+            if dev.type != "cpu":
+                chunk, chunk_norms = chunk.to(dev, non_blocking=True), chunk_norms.to(dev)
+            yield start, self._hasher.flat_ids(chunk, chunk_norms)
+
+    @property
+    def _chunk(self) -> int:
+        """Points hashed per matmul: cache-sized on a CPU, large on a GPU."""
+        return _CHUNK_ROWS if self.device.type == "cpu" else _DEVICE_CHUNK_ROWS
 
     def to_bytes(self) -> bytes:
         """Self-describing bytes: magic, a JSON header (format, params, fingerprint, n,

@@ -12,6 +12,12 @@ parameters and seed, so sketches that cannot merge never share a folder)::
     v<version>.json                        the manifest (params, n, partitions, embedding
                                            model); written last: the version's commit
 
+and, beside the fingerprint folders, ``<bucket>/<prefix>/<name>/bandwidth/v<version>.json``:
+the width pass 1 chose for a version when ``sketch.width`` is ``auto`` (the fingerprint
+depends on it, so it is pinned before any checkpoint of the version is written). It is
+written once with a conditional PUT (``If-None-Match: *``): of two workers choosing at the
+same time, one wins and both hash with its width.
+
 A checkpoint is immutable and named by the offset it covers (zero-padded, so keys sort by
 offset); the latest is the one with the highest offset. A partition's state at an offset is
 a pure function of its records (sketches are deterministic), so two workers that both wrote
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 
 from minio import Minio
 
+from services.density.bandwidth import BandwidthChoice
 from services.density.settings import StoreSettings
 from services.density.sketch import RaceSketch, SketchParams
 from services.density.state import CalibrationSample, PartInfo, SketchState, combine
@@ -47,6 +54,7 @@ from services.runtime.objectstore import ObjectStore
 log = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"/v(\d+)\.json$")
+_PIN_FIELDS = ("dim", "rows", "hashes_per_row", "buckets", "seed")
 _CHECKPOINT = re.compile(r"/partitions/([^/]+)/(\d+)/(\d{20})\.ckpt$")
 _CHECKPOINT_MAGIC = b"SLUICE-CKPT1"
 _LOAD_ATTEMPTS = 3  # a checkpoint listed may be pruned by its writer before it is read
@@ -136,6 +144,52 @@ class SketchStore:
         if topic:
             folder += f"{topic}/" + (f"{partition}/" if partition >= 0 else "")
         return folder
+
+    # -- the pinned width of a version ('auto') -----------------------------------
+    def bandwidth_key(self, name: str, version: int) -> str:
+        return f"{self.folder(name, 'bandwidth')}/v{version}.json"
+
+    def pinned_bandwidth(
+        self, name: str, version: int, family: dict[str, int] | None = None
+    ) -> BandwidthChoice | None:
+        """The width pinned for a version, or None. ``family`` (the params other than the
+        width) must match the pin's: a width chosen for another K is not this sketch's."""
+        try:
+            doc = self.objects.get_json(self.bandwidth_key(name, version))
+        except NotFound:
+            return None
+        except InvalidArgument as exc:
+            raise DecodeError(f"corrupt bandwidth pin: {exc.message}") from exc
+        pinned = doc.get("params", {})
+        if family is not None and {k: pinned.get(k) for k in family} != family:
+            raise FailedPrecondition(
+                f"sketch {name} v{version} was pinned with width {doc.get('width')} for params "
+                f"{pinned}, this worker has {family}: build a new version for new params"
+            )
+        try:
+            return BandwidthChoice.from_dict(doc)
+        except InvalidArgument as exc:
+            raise DecodeError(f"corrupt bandwidth pin: {exc.message}") from exc
+
+    def pin_bandwidth(
+        self, name: str, version: int, choice: BandwidthChoice, family: dict[str, int]
+    ) -> BandwidthChoice:
+        """Pin ``choice`` for the version unless a width is pinned already; returns the
+        pinned one (this choice, or the one that got there first)."""
+        doc = {**choice.to_dict(), "params": family}
+        data = json.dumps(doc, indent=1, sort_keys=True).encode()
+        if self.objects.put_if_absent(self.bandwidth_key(name, version), data, "application/json"):
+            log.info("pinned sketch %s v%s width %s", name, version, choice.width)
+        pinned = self.pinned_bandwidth(name, version, family)
+        if pinned is None:
+            raise FailedPrecondition(f"the bandwidth pin of {name} v{version} vanished")
+        return pinned
+
+    def pinned_versions(self, name: str) -> list[int]:
+        """Versions with a pinned width, ascending."""
+        keys = self.objects.keys(self.folder(name, "bandwidth") + "/", recursive=False)
+        found = (_VERSION.search("/" + k.rsplit("/", 1)[-1]) for k in keys)
+        return sorted(int(m.group(1)) for m in found if m)
 
     # -- pass-1 checkpoints ------------------------------------------------------
     def put_checkpoint(self, ckpt: Checkpoint) -> str:
@@ -267,6 +321,29 @@ class SketchStore:
         ]
         model = str(manifest.get("embedding_model", ""))
         return SketchState(name, sketch, calib, model, version, parts)
+
+    def load_latest_pinned(self, name: str) -> SketchState:
+        """The latest merged version of a sketch whose width was pinned ('auto'): the
+        highest pinned version that is merged."""
+        for version in reversed(self.pinned_versions(name)):
+            pin = self.pinned_bandwidth(name, version)
+            if pin is None:
+                continue
+            for fp in self._fingerprints(name):
+                if self.is_merged(name, fp, version):
+                    state = self.load_merged(name, fp, version)
+                    if state.sketch.params.width == pin.width:
+                        return state
+        raise NotFound(
+            f"no merged sketch {name!r} with a pinned width in "
+            f"s3://{self.bucket}/{self.folder(name, '')}/: run pass 1 and the merge first"
+        )
+
+    def _fingerprints(self, name: str) -> list[str]:
+        """The fingerprint folders of a name."""
+        folder = self.folder(name, "") + "/"
+        found = {k[len(folder) :].split("/", 1)[0] for k in self.objects.keys(folder) if "/v" in k}
+        return sorted(f for f in found if re.fullmatch(r"[0-9a-f]{32}", f))
 
     # -- S3 primitives (services.runtime.objectstore) -----------------------------
     def ensure_bucket(self) -> None:

@@ -36,9 +36,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from kafka.structs import TopicPartition
 
-from services.density.core import STAGE, DensityCore
+from services.density.core import REASON_BAD_EMBEDDING, STAGE, DensityCore
 from services.density.settings import DensitySettings
 from services.density.sketch import SketchParams
 from services.density.state import SketchState
@@ -76,7 +77,9 @@ class StoreLoader:
 
     store: SketchStore
 
-    def __call__(self, name: str, params: SketchParams) -> SketchState:
+    def __call__(self, name: str, params: SketchParams | None) -> SketchState:
+        if params is None:  # width 'auto': the latest version with a pinned width
+            return self.store.load_latest_pinned(name)
         return self.store.load_merged(name, params.fingerprint())
 
 
@@ -107,6 +110,8 @@ def merge_command(core: DensityCore, settings: DensitySettings) -> int:
     build Job succeeds."""
     store = require_store(settings, store_of(core))
     s = settings.sketch
+    if s.version is not None:
+        adopt_pinned_width(core, store, s.version, required=True)
     fp = core.params().fingerprint()
     if s.version is not None and store.is_merged(s.name, fp, s.version):
         done = store.load_merged(s.name, fp, s.version)
@@ -126,9 +131,32 @@ def require_store(settings: DensitySettings, store: SketchStore | None) -> Sketc
     return store
 
 
+def adopt_pinned_width(
+    core: DensityCore, store: SketchStore, version: int, *, required: bool = False
+) -> bool:
+    """With width 'auto', take the width pass 1 pinned for ``version`` (if any; NotFound
+    when ``required``). True when the core's width is known afterwards."""
+    if core.width is not None:
+        return True
+    pin = store.pinned_bandwidth(core.name, version, core.params_family())
+    if pin is None:
+        if required:
+            raise NotFound(
+                f"sketch {core.name} v{version} has no pinned width: pass 1 has not "
+                "sketched anything of it yet"
+            )
+        return False
+    core.set_bandwidth(pin)
+    return True
+
+
 def load_reference(core: DensityCore, store: SketchStore) -> SketchState:
     """Install the merged sketch pass 2 samples against (configured or latest version)."""
     s = core.settings.sketch
+    if s.width == "auto" and s.version is None:
+        return core.install(store.load_latest_pinned(s.name))
+    if s.version is not None:
+        adopt_pinned_width(core, store, s.version, required=True)
     state = store.load_merged(s.name, core.params().fingerprint(), s.version)
     return core.install(state)
 
@@ -171,17 +199,20 @@ def merge_version(core: DensityCore, store: SketchStore, *, overwrite: bool = Fa
     s = core.settings.sketch
     if s.version is None:
         raise ConfigError("merge needs sketch.version (the version pass 1 built)")
+    adopt_pinned_width(core, store, s.version, required=True)
     return store.merge_checkpoints(s.name, core.params(), s.version, overwrite=overwrite)
 
 
 @dataclass
 class _Held:
     """One owned partition's sketch: it holds the records [0, position); the store holds
-    [0, saved)."""
+    [0, saved). With width 'auto' not yet chosen there is no sketch: the points wait in
+    ``pending`` (only in memory: the first checkpoint chooses and pins the width)."""
 
-    state: SketchState
+    state: SketchState | None
     position: int
     saved: int
+    pending: list[tuple[list[str], np.ndarray]] = field(default_factory=list)
 
 
 @dataclass
@@ -217,7 +248,17 @@ class PartitionSketches:
             raise RuntimeError("pass 1 got a batch without its partition (on_record)")
         if self._redelivered:  # already in the partition's sketch: never count it twice
             return [Outcome(s, kept=True) for s in samples]
-        return self.core.build_batch(samples, self.core.vectors(samples), into=held.state)
+        vecs = self.core.vectors(samples)
+        if held.state is not None:
+            return self.core.build_batch(samples, vecs, into=held.state)
+        ok = vecs.ok
+        held.pending.append(
+            ([s.id for s, good in zip(samples, ok, strict=True) if good], vecs.matrix[ok])
+        )
+        return [
+            Outcome(s, kept=not err, reason=REASON_BAD_EMBEDDING if err else "")
+            for s, err in zip(samples, vecs.errors, strict=True)
+        ]
 
     # -- StageState: checkpoints ----------------------------------------------------
     def on_assigned(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
@@ -225,6 +266,12 @@ class PartitionSketches:
         s = self.core.settings.sketch
         if s.version is None:
             raise ConfigError("pass 1 needs sketch.version")
+        if not adopt_pinned_width(self.core, self.store, s.version):
+            # No width pinned, so no checkpoint of this version exists: start empty; the
+            # first checkpoint chooses the width from what was read by then.
+            for tp in partitions:
+                self.held[tp] = _Held(None, 0, 0)
+            return dict.fromkeys(partitions, 0)
         fp = self.core.params().fingerprint()
         resume = {}
         for tp in partitions:
@@ -268,13 +315,38 @@ class PartitionSketches:
     def checkpoint(self, done: dict[TopicPartition, int]) -> None:
         """Write every held partition that advanced since its last checkpoint; each covers
         exactly the records in its sketch, whatever ``done`` says."""
+        if any(h.state is None for h in self.held.values()):
+            self._choose_width()
         for tp, held in self.held.items():
-            if held.position > held.saved:
+            if held.state is not None and held.position > held.saved:
                 ckpt = Checkpoint(
                     tp.topic, tp.partition, held.position, held.state, self.core.settings.worker_id
                 )
                 self.written[tp] = self.store.put_checkpoint(ckpt)
                 held.saved = held.position
+
+    def _choose_width(self) -> None:
+        """Width 'auto': adopt the version's pinned width, or pin one chosen from the
+        points every held partition has read so far (first writer wins); then give each
+        waiting partition its sketch and add its points."""
+        version = self.core.settings.sketch.version
+        assert version is not None  # checked in on_assigned
+        if not adopt_pinned_width(self.core, self.store, version):
+            ids = [i for h in self.held.values() for chunk, _ in h.pending for i in chunk]
+            if not ids:
+                return  # nothing usable read yet: nothing to choose from, nothing to save
+            matrix = np.concatenate([m for h in self.held.values() for _, m in h.pending])
+            proposal = self.core.propose_bandwidth(ids, matrix)
+            family = self.core.params_family()
+            self.core.set_bandwidth(
+                self.store.pin_bandwidth(self.core.name, version, proposal, family)
+            )
+        for held in self.held.values():
+            if held.state is None:
+                held.state = self.core.new_state(self.core.name, version)
+                for chunk_ids, matrix in held.pending:
+                    self.core.add_points(held.state, chunk_ids, matrix)
+                held.pending = []
 
 
 class DensityWorker:

@@ -29,6 +29,7 @@ from services.runtime.settings import StrictModel
 SCHEME = "s3://"
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
 _AUTH = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_PRECONDITION = {"PreconditionFailed", "ConditionalRequestConflict"}
 
 
 class ObjectStoreSettings(StrictModel):
@@ -126,6 +127,27 @@ class ObjectStore:
                 self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
             )
         return self.uri(key)
+
+    def put_if_absent(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        """Store ``data`` under ``key`` only if no object is there (S3's conditional write,
+        ``If-None-Match: *``): True if this call wrote it, False if one was there already.
+        Of concurrent writers exactly one wins, so a value chosen once (density's pinned
+        sketch width) is the same for every reader."""
+        headers: dict[str, str | list[str] | tuple[str]] = {
+            "Content-Type": content_type,
+            "If-None-Match": "*",
+        }
+        try:
+            with s3_errors(self.uri(key)):
+                # minio's public put_object turns unknown headers into user metadata
+                self.client._put_object(self.bucket, key, data, headers)
+        except Unavailable as exc:
+            if isinstance(exc.__cause__, S3Error) and exc.__cause__.code in _PRECONDITION:
+                return False
+            raise
+        return True
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error if it is already gone)."""

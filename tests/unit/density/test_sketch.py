@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -70,8 +71,17 @@ def test_merge_does_not_modify_its_inputs() -> None:
     assert (a.n, b.n) == (100, 200)
 
 
+def test_merging_different_bandwidths_is_refused_and_says_so() -> None:
+    other = SMALL.model_copy(update={"width": SMALL.width * 0.6})
+    with pytest.raises(FailedPrecondition, match="different bandwidths: width"):
+        RaceSketch(SMALL).merge(RaceSketch(other))
+    with pytest.raises(FailedPrecondition, match="different bandwidths"):
+        RaceSketch(other).merge_into(RaceSketch(SMALL))
+
+
 @pytest.mark.parametrize(
-    "change", [{"seed": 4}, {"width": 0.6}, {"buckets": 128}, {"rows": 17}, {"hashes_per_row": 3}]
+    "change",
+    [{"seed": 4}, {"buckets": 128}, {"rows": 17}, {"hashes_per_row": 3}, {"seed": 4, "width": 0.6}],
 )
 def test_merging_different_params_is_refused(change: dict[str, float]) -> None:
     other = SMALL.model_copy(update=change)
@@ -279,3 +289,30 @@ def test_constructor_checks_counts() -> None:
 def test_a_width_too_small_for_exact_hashing_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="too small"):
         RaceSketch(SketchParams(dim=384, width=1e-6))
+
+
+def test_the_device_tensor_path_counts_and_scores_like_the_host_path() -> None:
+    """``tensor_counts`` is what a CUDA sketch runs (bincount on the device, one copy back;
+    lookups on a device copy): run on CPU tensors, it must equal the in-place host path."""
+    params = SketchParams(dim=16, rows=24, hashes_per_row=3, buckets=512, width=0.8, seed=2)
+    x = clustered(3000, 16, 5, seed=3)
+    host, tensor = RaceSketch(params), RaceSketch(params, tensor_counts=True)
+    assert not host.tensor_counts and tensor.tensor_counts
+    for part in (x[:1000], x[1000:]):
+        host.add(part)
+        tensor.add(part)
+    np.testing.assert_array_equal(host.counts, tensor.counts)
+    assert host.n == tensor.n == 3000
+    np.testing.assert_array_equal(host.score(x[:500]), tensor.score(x[:500]))
+    merged = tensor.merge(host)
+    assert merged.tensor_counts is False  # a CPU sketch: the default path again
+    np.testing.assert_array_equal(merged.counts, 2 * host.counts)
+
+
+def test_a_device_without_hardware_is_refused() -> None:
+    params = SketchParams(dim=4)
+    with pytest.raises(InvalidArgument, match="cpu or cuda"):
+        RaceSketch(params, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidArgument, match="no CUDA device"):
+            RaceSketch(params, device="cuda")

@@ -9,12 +9,15 @@ import uuid
 
 import numpy as np
 import pytest
+from kafka.structs import TopicPartition
 from pydantic import SecretStr
 
+from services.density.bandwidth import BandwidthChoice
 from services.density.core import DensityCore
 from services.density.settings import DensitySettings, SketchSettings, StoreSettings
 from services.density.state import SketchState
 from services.density.store import Checkpoint, SketchStore
+from services.density.worker import PartitionSketches, load_reference, merge_version
 from services.runtime.errors import (
     ConfigError,
     DecodeError,
@@ -44,7 +47,9 @@ def _store_settings(address: str, create_bucket: bool = True) -> StoreSettings:
 
 def _part(name: str, version: int, seed: int, n: int) -> SketchState:
     core = DensityCore(
-        DensitySettings(sketch=SketchSettings(name=name, version=version, dim=DIM, rows=50))
+        DensitySettings(
+            sketch=SketchSettings(name=name, version=version, dim=DIM, rows=50, width=1.4)
+        )
     )
     samples = mixture(seed=seed, big=n, small=(n // 4,)).samples(prefix=f"p{seed}-")
     core.build_batch(samples, core.vectors(samples))
@@ -167,3 +172,60 @@ def test_credentials_come_from_settings_or_environment(
     assert store.versions("x", "f") == []
     with pytest.raises(ConfigError, match="no sketch store"):
         SketchStore(StoreSettings())
+
+
+def test_the_first_pinned_width_wins_and_binds_its_params(s3_server: Server) -> None:
+    store = SketchStore(_store_settings(s3_server.address))
+    family = {"dim": DIM, "rows": 50, "hashes_per_row": 8, "buckets": 4096, "seed": 0}
+    first = BandwidthChoice(0.9, "spread/v1", 100, 0.5, 0.0, 0.8)
+    assert store.pinned_bandwidth("news", 4) is None
+    assert store.pin_bandwidth("news", 4, first, family) == first
+    later = BandwidthChoice(1.3, "spread/v1", 200, 0.5, 0.0, 0.7)
+    assert store.pin_bandwidth("news", 4, later, family) == first  # a real conditional PUT
+    assert store.pinned_versions("news") == [4]
+    with pytest.raises(FailedPrecondition, match=r"pinned with width 0\.9"):
+        store.pinned_bandwidth("news", 4, {**family, "hashes_per_row": 4})
+
+
+def test_pass_1_workers_pin_one_auto_width_and_their_parts_merge(s3_server: Server) -> None:
+    """Two pass-1 workers with width 'auto' read different partitions: the first to
+    checkpoint pins its choice, the other adopts it, and the merge equals one sketch of
+    everything with that width; pass 2 and the merge find it through the pin."""
+    store = SketchStore(_store_settings(s3_server.address))
+    sketch = SketchSettings(name="auto", version=2, dim=DIM, rows=32)
+
+    def core(mode: str = "two_pass_build") -> DensityCore:
+        return DensityCore(DensitySettings(mode=mode, sketch=sketch, calibration_size=64))  # type: ignore[arg-type]
+
+    data = mixture(seed=9, big=160, small=(40,)).samples()
+    t0, t1 = TopicPartition("in", 0), TopicPartition("in", 1)
+    a, b = PartitionSketches(core(), store), PartitionSketches(core(), store)
+    assert a.on_assigned([t0]) == {t0: 0} and b.on_assigned([t1]) == {t1: 0}
+    a.on_record(t0, 0)
+    a.process(data[:120])
+    b.on_record(t1, 0)
+    b.process(data[120:])
+    b.checkpoint({t1: 1})  # b pins (from its 80 points) and writes the first checkpoint
+    a.checkpoint({t0: 1})  # a adopts b's width
+    width = b.core.width
+    assert width is not None and a.core.width == width
+    pin = store.pinned_bandwidth("auto", 2)
+    assert pin is not None and pin.width == width and pin.sample == 64  # bottom-k of 80
+
+    merger = core()
+    merged = merge_version(merger, store)
+    assert merger.width == width and merged.n == len(data)
+    whole = DensityCore(
+        DensitySettings(sketch=sketch.model_copy(update={"width": width}), calibration_size=64)
+    )
+    whole.build_batch(data, whole.vectors(data))
+    np.testing.assert_array_equal(merged.sketch.counts, whole.state().sketch.counts)
+
+    sampler_core = core("two_pass_sample")
+    assert load_reference(sampler_core, store).sketch.params.width == width
+    unpinned = sketch.model_copy(update={"version": None})
+    latest = DensityCore(DensitySettings(mode="two_pass_sample", sketch=unpinned))
+    assert load_reference(latest, store).version == 2  # 'latest' found through the pin
+    # a restarted worker adopts the pin at assignment and resumes at its checkpoint
+    again = PartitionSketches(core(), store)
+    assert again.on_assigned([t0]) == {t0: 1}

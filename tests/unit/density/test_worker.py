@@ -24,7 +24,7 @@ from services.runtime.errors import FailedPrecondition, NotFound
 from tests.unit.density.mixture import mixture
 
 T0, T1 = TopicPartition("in", 0), TopicPartition("in", 1)
-SKETCH = SketchSettings(name="w", version=3, dim=384, rows=16, buckets=128)
+SKETCH = SketchSettings(name="w", version=3, dim=384, rows=16, buckets=128, width=1.4)
 
 
 class MemoryStore:
@@ -109,10 +109,11 @@ def test_a_new_owner_resumes_at_the_checkpoint_and_never_counts_twice() -> None:
 
     second = PartitionSketches(_core(), store)  # type: ignore[arg-type]
     assert second.on_assigned([T0]) == {T0: 6}
-    assert second.held[T0].state.n == 20
+    held = second.held[T0].state
+    assert held is not None and held.n == 20
     _feed(second, T0, 5, data[:20])  # a redelivered record already in the sketch: skipped
     _feed(second, T0, 6, data[20:30])
-    assert second.held[T0].state.n == 30
+    assert held.n == 30
     second.checkpoint({T0: 7})
     ckpt = store.latest_checkpoint("w", "", 3, "in", 0)
     assert ckpt is not None and (ckpt.offset, ckpt.state.n) == (7, 30)
