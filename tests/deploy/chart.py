@@ -17,14 +17,17 @@ from typing import Any
 import pytest
 import yaml
 
+from services.runtime.registry import KINDS
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "sluice"
 GPU_VALUES = CHART / "ci" / "gpu-values.yaml"
 RELEASE = "sluice"
 NAMESPACE = "curation"
 
-# Every service the chart can run: values.schema.json's allowed stage names.
-STAGES = ("scoring", "density", "rewrite", "synth", "distill")
+# Every service the chart can run: the registry's kinds (values.schema.json's allowed stage
+# names, checked equal by tests/unit/runtime/test_registry.py).
+STAGES = KINDS
 
 
 def tool(name: str) -> str | None:

@@ -45,6 +45,7 @@ SETTINGS = {
     "rewrite": "services.rewrite.settings:RewriteSettings",
     "synth": "services.synth.settings:SynthSettings",
     "distill": "services.distill.settings:DistillSettings",
+    "dedup": "services.dedup.settings:DedupSettings",
 }
 # Where each stage's settings keep the object store, when it has one.
 S3_BLOCK = {"density": ("store",), "distill": ("topk_store", "s3")}
@@ -188,6 +189,9 @@ def test_gpu_resources_and_scheduling(
         pod = deploys[f"{RELEASE}-{stage}"]["spec"]["template"]["spec"]
         (c,) = pod["containers"]
         resource = spec.get("gpuResource", "nvidia.com/gpu")
+        if not spec.get("gpus"):  # a CPU stage in the GPU deployment (dedup)
+            assert resource not in c["resources"]["limits"], stage
+            continue
         assert c["resources"]["limits"][resource] == spec["gpus"], stage
         assert pod["nodeSelector"] == spec["nodeSelector"], stage
         assert pod["tolerations"] == spec["tolerations"], stage
@@ -304,7 +308,12 @@ def test_stage_config_and_env_are_accepted_by_the_service(
     module, cls_name = SETTINGS[stage].split(":")
     cls = getattr(importlib.import_module(module), cls_name)
     name = f"{RELEASE}-{stage}"
-    secret = {"access-key": "AKIA-TEST", "secret-key": "s3cr3t-TEST", "token": "hf-TEST"}
+    secret = {
+        "access-key": "AKIA-TEST",
+        "secret-key": "s3cr3t-TEST",
+        "token": "hf-TEST",
+        "password": "redis-TEST",
+    }
     pod = gpu_objs[("Deployment", name)]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     for e in c["env"]:
@@ -419,7 +428,11 @@ def test_pdbs_for_replicated_stages(
         if _component(d) != "operator"
     }
     replicated = {n for n, m in most.items() if m >= 2}
-    assert set(pdbs) == replicated == {"sluice-scoring", "sluice-rewrite", "sluice-density"}
+    assert (
+        set(pdbs)
+        == replicated
+        == {"sluice-scoring", "sluice-rewrite", "sluice-density", "sluice-dedup"}
+    )
     for name, pdb in pdbs.items():
         assert pdb["spec"]["selector"] == deploys[name]["spec"]["selector"]
         assert pdb["spec"]["maxUnavailable"] == 1
@@ -630,7 +643,8 @@ def test_notes_tell_how_to_publish_and_watch() -> None:
     notes = out.split("NOTES:", 1)[1]
     bootstrap = yaml.safe_load(GPU_VALUES.read_text())["kafka"]["bootstrapServers"]
     assert f"sluice publish corpus.jsonl --topic sluice.ingest --bootstrap {bootstrap}" in notes
-    assert f"kubectl -n {NAMESPACE} port-forward svc/sluice-scoring 9100:9100" in notes
+    # the pipeline's first stage: dedup, which reads the ingest topic
+    assert f"kubectl -n {NAMESPACE} port-forward svc/sluice-dedup 9100:9100" in notes
     assert "port-forward svc/<release>-grafana 3000:80" in notes
     assert '"Sluice: curation pipeline"' in notes  # the dashboard's title, read from its JSON
     assert "SluiceStageLagGrowing" in notes

@@ -64,8 +64,8 @@ def test_broken_chains_are_refused(stages: list[object], match: str) -> None:
 
 
 def test_unknown_kind() -> None:
-    with pytest.raises(ConfigError, match="unknown stage kind 'dedup'"):
-        Pipeline.model_validate({"stages": ["dedup"]})
+    with pytest.raises(ConfigError, match="unknown stage kind 'dedupe'"):
+        Pipeline.model_validate({"stages": ["dedupe"]})
 
 
 def test_render_values(tmp_path: Path) -> None:
