@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 from services.runtime.errors import SluiceError
 from services.runtime.grpc_server import RunningServer, serve
@@ -39,14 +40,28 @@ def make_worker(
     group the registry names."""
     if spec.worker:
         return spec.make_worker(core, settings, metrics)
-    kafka = settings.kafka.model_copy(update={"group_id": consumer_group(spec.name, settings)})
+    return stage_worker(spec.name, core, settings, metrics)
+
+
+def stage_worker(
+    kind: str,
+    core: StageCore,
+    settings: ServiceSettings,
+    metrics: StageMetrics,
+    **extra: Any,
+) -> StageWorker:
+    """The runtime loop for stage ``kind``, committing the group the registry names, its batch
+    ids naming the core's model and the settings' decision fingerprint. ``extra``: what a
+    stage's own worker adds (``state``, ``commit_state``)."""
+    kafka = settings.kafka.model_copy(update={"group_id": consumer_group(kind, settings)})
     return StageWorker(
         core,
         kafka,
         metrics,
-        stage=spec.name,
+        stage=kind,
         dropped_topic=settings.dropped_topic_name,
         decision_version=f"{core.model_version}+config.{settings.decision_fingerprint()}",
+        **extra,
     )
 
 

@@ -35,6 +35,13 @@ every offset commit (under both guarantees), and on assignment (and after an abo
 transaction) seeks each partition to where the state says it resumes. The state, not the
 committed offset, then decides where a partition restarts, so a SIGKILL loses nothing the
 state checkpointed and re-reads nothing it holds.
+
+A stage whose state is small and decides what it emits (scoring's top-X% quantile
+estimates) passes a ``CommitState`` instead: its per-partition snapshot rides in the
+metadata of the partition's offset commit, inside the same transaction as the outputs, so
+the committed offset and the state that covers it can never disagree. A restarted worker
+(or the next owner after a rebalance, or this one after an aborted transaction) restores
+each partition's state from the committed metadata before its first record.
 """
 
 from __future__ import annotations
@@ -165,6 +172,32 @@ class StageState(Protocol):
     def checkpoint(self, done: dict[TopicPartition, int]) -> None: ...
 
 
+class CommitState(Protocol):
+    """Per-partition state committed *with* the partition's offset, in the commit's metadata
+    (Kafka keeps up to ``offset.metadata.max.bytes`` of it, 4 KiB by default; under
+    exactly_once it is part of the transaction). For small state that decides outputs
+    (scoring's quantile estimates): replaying a partition from its committed offset starts
+    from exactly the state that offset was committed with, so decisions never count a record
+    twice or miss one. The loop calls it from its own thread only. Contract:
+
+    - ``restore(tp, metadata)``: the worker owns ``tp`` and is about to hand over its first
+      record since it was assigned (or since an aborted transaction); ``metadata`` is what
+      was committed with ``tp``'s offset ('' if nothing, or a commit without state).
+    - ``on_record(tp, offset)``: the next record handed to the processor comes from ``tp``.
+    - ``snapshot(tp)``: the state covering every record of ``tp`` handed over so far, as the
+      text to commit with its offset.
+    - ``forget(partitions)``: the worker no longer owns them (or rewinds them).
+    """
+
+    def restore(self, tp: TopicPartition, metadata: str) -> None: ...
+
+    def on_record(self, tp: TopicPartition, offset: int) -> None: ...
+
+    def snapshot(self, tp: TopicPartition) -> str: ...
+
+    def forget(self, partitions: list[TopicPartition]) -> None: ...
+
+
 class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Rebalance callbacks -> the stage state, then seek to where it resumes."""
 
@@ -172,8 +205,11 @@ class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker = worker
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        if self.worker.state is not None and revoked:
+        if not revoked:
+            return
+        if self.worker.state is not None:
             self.worker.state.on_revoked(sorted(revoked))
+        self.worker._forget_committed(sorted(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         if assigned:
@@ -201,10 +237,12 @@ class StageWorker:
         max_retries: int = 2,
         decision_version: str = "",
         state: StageState | None = None,
+        commit_state: CommitState | None = None,
     ) -> None:
         """``decision_version``: the stage's model + config identity for batch ids (default:
         the processor's ``model_version``, read when the loop starts). ``state``: the stage's
-        checkpointed per-partition state, if it keeps any (``StageState``)."""
+        checkpointed per-partition state, if it keeps any (``StageState``);
+        ``commit_state``: small state committed with the offsets (``CommitState``)."""
         self.processor = processor
         self.settings = settings
         self.metrics = metrics
@@ -214,6 +252,8 @@ class StageWorker:
         self.max_retries = max_retries
         self.decision_version = decision_version
         self.state = state
+        self.commit_state = commit_state
+        self._unrestored: set[TopicPartition] = set()
         self.stats = WorkerStats()
         self.produce_limit = settings.max_message_bytes
         self._out_codec = BatchCodec(settings.max_message_bytes)
@@ -292,17 +332,46 @@ class StageWorker:
             raise Unavailable(f"cannot reach Kafka at {s.bootstrap_servers}: {exc}") from exc
         self._consumer = consumer
         consumer.subscribe(
-            [s.input_topic], listener=_StateListener(self) if self.state is not None else None
+            [s.input_topic],
+            listener=_StateListener(self) if self.state or self.commit_state else None,
         )
         return consumer, producer
 
     def _resume(self, partitions: list[TopicPartition]) -> None:
-        """Seek ``partitions`` to where the stage state resumes them (it loads them first)."""
+        """Seek ``partitions`` to where the stage state resumes them (it loads them first);
+        the commit state restores them lazily, before each one's first record."""
+        if self.commit_state is not None:
+            self._unrestored.update(partitions)
         if self.state is None or self._consumer is None:
             return
         for tp, offset in self.state.on_assigned(partitions).items():
             log.info("resuming %s-%d at offset %d (stage state)", tp.topic, tp.partition, offset)
             self._consumer.seek(tp, offset)
+
+    def _forget_committed(self, partitions: list[TopicPartition]) -> None:
+        if self.commit_state is not None:
+            self.commit_state.forget(partitions)
+            self._unrestored.difference_update(partitions)
+
+    def _restore_committed(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
+        """Load ``tp``'s commit state from the metadata committed with its offset: the
+        offset the consumer resumed from (only this worker commits ``tp`` while it owns it)."""
+        assert self.commit_state is not None
+        try:
+            committed = consumer.committed(tp, metadata=True)
+        except KafkaError as exc:
+            raise Unavailable(f"cannot read the committed state of {tp}: {exc}") from exc
+        metadata = (committed.metadata or "") if committed is not None else ""
+        self.commit_state.restore(tp, metadata)
+        self._unrestored.discard(tp)
+
+    def _offsets(self, done: dict[TopicPartition, int]) -> dict[TopicPartition, Any]:
+        """What to commit: each partition's next offset, with its commit state."""
+        cs = self.commit_state
+        return {
+            tp: OffsetAndMetadata(off, cs.snapshot(tp) if cs is not None else "", -1)
+            for tp, off in done.items()
+        }
 
     def run(self, *, idle_timeout_s: float | None = None) -> WorkerStats:
         """Run until stopped (or, if ``idle_timeout_s`` is set, until no input
@@ -371,6 +440,10 @@ class StageWorker:
                     return done, futures
                 if self.state is not None:
                     self.state.on_record(tp, rec.offset)
+                if self.commit_state is not None:
+                    if tp in self._unrestored and self._consumer is not None:
+                        self._restore_committed(self._consumer, tp)
+                    self.commit_state.on_record(tp, rec.offset)
                 futures.extend(self._handle_record(producer, rec))
                 done[tp] = rec.offset + 1
         return done, futures
@@ -394,7 +467,7 @@ class StageWorker:
         if done:
             if self.state is not None:
                 self.state.checkpoint(done)
-            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in done.items()})
+            consumer.commit(self._offsets(done))
             self.stats.commits += 1
             self.stats.last_commit_at = time.monotonic()
 
@@ -431,8 +504,7 @@ class StageWorker:
                 producer.send(topic, value=value, key=key, headers=headers)
             if txn.done:
                 producer.send_offsets_to_transaction(
-                    {tp: OffsetAndMetadata(off, "", -1) for tp, off in txn.done.items()},
-                    consumer.group_metadata(),
+                    self._offsets(txn.done), consumer.group_metadata()
                 )
             producer.commit_transaction()
             self.stats.commits += 1
@@ -466,6 +538,11 @@ class StageWorker:
         for tp, offset in txn.start.items():
             if tp in assigned:
                 consumer.seek(tp, offset)
+        # The commit state holds the aborted records: restore it from the last commit.
+        rewound = sorted(tp for tp in txn.start if tp in assigned)
+        self._forget_committed(rewound)
+        if self.commit_state is not None:
+            self._unrestored.update(rewound)
         if self.state is not None and assigned:
             # The state may hold (and have checkpointed) records of the aborted
             # transaction: it, not the transaction's start, says where to resume.

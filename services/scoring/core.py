@@ -22,6 +22,9 @@ from services.scoring.quantile import TopFractionFilter
 from services.scoring.settings import STEP_ORDER, ScoringSettings, SignalPolicy, Step
 
 STAGE = "scoring"
+
+Filters = dict[str, TopFractionFilter]
+"""Top-fraction filters by step: the state behind 'keep the best X% so far'."""
 LLM_STEPS: frozenset[str] = frozenset({"perplexity", "ask_llm"})
 HIGHER_IS_BETTER = {"ask_llm": True, "perplexity": False}
 
@@ -45,13 +48,20 @@ class ScoringCore:
         self.heuristics = HeuristicFilter(settings.heuristics)
         self._backend = Lazy(backend, "next_token_logprobs", self._default_backend)
         self._answer_ids: tuple[list[int], list[int]] | None = None
-        self._filters: dict[str, TopFractionFilter] = {}
+        self._filters = self.new_filters()
         # Cumulative seconds per step, for run reports (not for decisions).
         self.step_seconds: dict[str, float] = dict.fromkeys(STEP_ORDER, 0.0)
+
+    def new_filters(self) -> Filters:
+        """Fresh top-fraction filters for the configured steps (none if no step keeps a top
+        fraction). The core's own set serves gRPC and local runs; the Kafka worker keeps a
+        set per input partition (services.scoring.worker)."""
+        filters: Filters = {}
         for step in ("ask_llm", "perplexity"):
             pol = self._policy(step)
             if pol.mode == "top_fraction":
-                self._filters[step] = TopFractionFilter(pol.top_fraction, HIGHER_IS_BETTER[step])
+                filters[step] = TopFractionFilter(pol.top_fraction, HIGHER_IS_BETTER[step])
+        return filters
 
     # -- configuration ---------------------------------------------------
     @property
@@ -104,18 +114,24 @@ class ScoringCore:
         return [s for s in configured if s in requested]
 
     # -- the work --------------------------------------------------------
-    def process(self, samples: list[Sample]) -> list[Outcome]:
-        """The Kafka/local entry point: configured steps, policies applied."""
-        return self.score(samples)
+    def process(self, samples: list[Sample], filters: Filters | None = None) -> list[Outcome]:
+        """The Kafka/local entry point: configured steps, policies applied (top fractions
+        by ``filters``, default the core's own)."""
+        return self.score(samples, filters=filters)
 
     def score(
-        self, samples: list[Sample], steps: Sequence[str] = (), apply_policy: bool = True
+        self,
+        samples: list[Sample],
+        steps: Sequence[str] = (),
+        apply_policy: bool = True,
+        filters: Filters | None = None,
     ) -> list[Outcome]:
         """Run ``steps`` (default: configured) over ``samples``; one outcome each, in order.
 
         A sample dropped by one step is not shown to later (more expensive) steps.
         """
         run = self.resolve_steps(steps)
+        filters = self._filters if filters is None else filters
         reasons: list[str] = [""] * len(samples)
         for step in run:
             alive = [i for i, r in enumerate(reasons) if not r]
@@ -126,9 +142,9 @@ class ScoringCore:
             if step == "heuristics":
                 verdicts = self._heuristics(batch)
             elif step == "perplexity":
-                verdicts = self._perplexity(batch)
+                verdicts = self._apply("perplexity", self._perplexity(batch), filters)
             else:
-                verdicts = self._ask_llm(batch)
+                verdicts = self._apply("ask_llm", self._ask_llm(batch), filters)
             self.step_seconds[step] += time.perf_counter() - t0
             if not apply_policy:
                 continue
@@ -156,14 +172,14 @@ class ScoringCore:
             out.append(res.failed[0] if res.failed else "")
         return out
 
-    def _perplexity(self, batch: list[Sample]) -> list[str]:
+    def _perplexity(self, batch: list[Sample]) -> list[float]:
         nlls = self.backend.sequence_nll([s.content for s in batch])
         scores = [n.perplexity for n in nlls]
         for s, v in zip(batch, scores, strict=True):
             s.scores["perplexity"] = v
-        return self._apply("perplexity", scores)
+        return scores
 
-    def _ask_llm(self, batch: list[Sample]) -> list[str]:
+    def _ask_llm(self, batch: list[Sample]) -> list[float]:
         be = self.backend
         if self._answer_ids is None:
             self._answer_ids = answer_token_ids(be)
@@ -179,14 +195,14 @@ class ScoringCore:
         probs = normalized_yes_probability(lp, len(yes))
         for s, v in zip(batch, probs, strict=True):
             s.scores["ask_llm"] = float(v)
-        return self._apply("ask_llm", [float(v) for v in probs])
+        return [float(v) for v in probs]
 
-    def _apply(self, step: str, scores: list[float]) -> list[str]:
+    def _apply(self, step: str, scores: list[float], filters: Filters) -> list[str]:
         pol = self._policy(step)
         if pol.mode == "annotate":
             return [""] * len(scores)
         if pol.mode == "top_fraction":
-            keep = self._filters[step].decide(scores)
+            keep = filters[step].decide(scores)
             return ["" if k else "below_top_fraction" for k in keep]
         if HIGHER_IS_BETTER[step]:
             return ["" if v >= pol.threshold else "below_threshold" for v in scores]

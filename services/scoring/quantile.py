@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 
 class P2Quantile:
@@ -70,6 +71,21 @@ class P2Quantile:
             + (n[i + 1] - n[i] - s) * (q[i] - q[i - 1]) / (n[i] - n[i - 1])
         )
 
+    def state(self) -> dict[str, Any]:
+        """Everything the estimate depends on (JSON-ready, exact floats)."""
+        return {"c": self.count, "i": self._init, "q": self.q, "n": self.n, "d": self.np}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue from ``state()`` of an estimator of the same ``p``."""
+        self.count = int(state["c"])
+        self._init = [float(x) for x in state["i"]]
+        self.q = [float(x) for x in state["q"]]
+        self.n = [int(x) for x in state["n"]]
+        self.np = [float(x) for x in state["d"]]
+        markers = (len(self.q), len(self.n), len(self.np))
+        if len(self._init) > 5 or (self.q and markers != (5, 5, 5)):
+            raise ValueError("malformed P² state")
+
     def value(self) -> float:
         """The current estimate (exact while fewer than five values were seen)."""
         if self.q:
@@ -105,6 +121,22 @@ class TopFractionFilter:
     @property
     def cutoff(self) -> float:
         return self._q.value()
+
+    def state(self) -> dict[str, Any]:
+        """The filter's identity and its estimate's state (``load`` continues from it)."""
+        with self._lock:
+            return {"f": self.fraction, "h": self.higher_is_better, "p2": self._q.state()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue from another filter's ``state()``; ValueError if that filter kept a
+        different fraction or direction (its estimate is of another quantile)."""
+        if state.get("f") != self.fraction or state.get("h") != self.higher_is_better:
+            raise ValueError(
+                f"state of a top-{state.get('f')} filter (higher_is_better={state.get('h')}) "
+                f"cannot continue a top-{self.fraction} one"
+            )
+        with self._lock:
+            self._q.load(state["p2"])
 
     def decide(self, scores: Sequence[float]) -> list[bool]:
         if self.fraction >= 1.0:
