@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -72,12 +73,10 @@ _BULLETS = (
     "➤",
     "✓",
     "✔",
-    "-",
-    "*",
-    "–",
-    "—",
-    "+",
 )
+# ASCII and dash markers are list items only when a space follows ("* item", "- item"):
+# "*word*", "**Note:**", "-v" and "+1" open ordinary lines (markdown emphasis, flags).
+_MARKER_BULLET = re.compile(r"[-*+–—]\s")
 _ELLIPSES = ("...", "…")
 # Closing marks stripped before looking for the sentence end: 'He said "no."' ends a sentence.
 _CLOSERS = "\"'”’»)]}"
@@ -103,10 +102,25 @@ def _check_rules(names: Iterable[str]) -> None:
         raise ValueError(f"heuristic rules repeat: {names}")
 
 
+PRESETS: dict[str, dict[str, object]] = {
+    "document": {},
+    # Paragraph-level samples (one chunk of a page, a docstring, an answer): Gopher's 50-word
+    # floor drops complete 20-50-word paragraphs, so the floor is a sentence or two.
+    "paragraph": {"min_words": 12},
+}
+"""Defaults by sample granularity; a field set explicitly always wins over its preset."""
+
+
 class HeuristicSettings(StrictModel):
     """Which rules run and every threshold they use (defaults: the published values, with
     the deviations each field explains)."""
 
+    preset: Literal["document", "paragraph"] = Field(
+        "document",
+        description="Granularity of the samples: 'document' (web pages, articles: Gopher's "
+        "length floor) or 'paragraph' (chunks of a page: min_words 12). Only fills fields "
+        "not set explicitly.",
+    )
     enabled: list[str] = Field(
         default_factory=lambda: list(RULES),
         description="Rules to apply, in the order failures are reported; the first failure "
@@ -183,6 +197,15 @@ class HeuristicSettings(StrictModel):
         description="n -> the most that all word n-grams occurring twice or more may cover, as "
         "a share of word characters (Gopher: 5: 0.15 down to 10: 0.10).",
     )
+    ngram_repeat_allowance: float = Field(
+        1.0,
+        ge=0,
+        description="Repeats of one n-gram forgiven before the n-gram shares count, as extra "
+        "n-gram occurrences: each n-gram threshold t becomes t + allowance * n / words. A "
+        "short technical paragraph that names its subject twice ('the consumer group' in 40 "
+        "words) covers a large share by arithmetic alone; in a long document the allowance "
+        "vanishes (n / words -> 0) and repeated-text junk repeats far more than once.",
+    )
     max_boilerplate_lines: float = Field(
         0.3,
         ge=0,
@@ -228,6 +251,14 @@ class HeuristicSettings(StrictModel):
         "words of 3+ letters without a vowel (a e i o u y), a letter held 4+ times, or 41+ "
         "characters. Real English news measures 0.0; random letter strings about 0.3.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = PRESETS.get(str(data.get("preset", "document")), {})
+            data = {**preset, **data}
+        return data
 
     @field_validator("enabled")
     @classmethod
@@ -391,9 +422,14 @@ class HeuristicFilter:
         if rule == "duplicate_line_chars":
             return sig["duplicate_line_chars"] > s.max_duplicate_line_chars
         if rule == "top_ngram":
-            return any(sig[f"top_{n}gram"] > t for n, t in s.max_top_ngram.items())
+            return any(
+                sig[f"top_{n}gram"] > self._ngram_cut(n, t, sig) for n, t in s.max_top_ngram.items()
+            )
         if rule == "duplicate_ngrams":
-            return any(sig[f"duplicate_{n}gram"] > t for n, t in s.max_duplicate_ngram.items())
+            return any(
+                sig[f"duplicate_{n}gram"] > self._ngram_cut(n, t, sig)
+                for n, t in s.max_duplicate_ngram.items()
+            )
         if rule == "boilerplate_lines":
             return (
                 sig["boilerplate_line_count"] >= s.min_boilerplate_hits
@@ -406,6 +442,11 @@ class HeuristicFilter:
         if rule == "gibberish_words":
             return sig["gibberish_words"] > s.max_gibberish_words
         raise AssertionError(f"rule without a check: {rule}")  # RULES and _fails disagree
+
+    def _ngram_cut(self, n: int, threshold: float, sig: dict[str, float]) -> float:
+        """The n-gram threshold at this length: one forgiven repeat covers ~n / words."""
+        words = sig["words"]
+        return threshold + (self.settings.ngram_repeat_allowance * n / words if words else 0.0)
 
     @staticmethod
     def _word_signals(text: str) -> dict[str, float]:
@@ -435,7 +476,7 @@ class HeuristicFilter:
                 dup_lines += 1
                 dup_chars += len(ln)
             seen.add(ln)
-            bullets += ln.startswith(_BULLETS)
+            bullets += ln.startswith(_BULLETS) or _MARKER_BULLET.match(ln) is not None
             ellipses += ln.endswith(_ELLIPSES)
             terminal += ln.rstrip(_CLOSERS).endswith(_TERMINAL)
             short += len(ln) < s.short_line_chars
