@@ -25,7 +25,7 @@ from tests.integration.kafka_util import decode_all, read_topic, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-N = 400
+N = 200
 
 
 def _texts(n: int) -> list[str]:
@@ -34,7 +34,7 @@ def _texts(n: int) -> list[str]:
         for line in Path(datapath("lee_background.cor")).read_text(encoding="utf-8").splitlines()
         if line.strip()
     ]
-    # short snippets keep the test's LLM work small: 400 prefill passes
+    # short snippets keep the test's LLM work small: 200 prefill passes
     return [" ".join(docs[i % len(docs)].split()[(i // len(docs)) * 7 :][:30]) for i in range(n)]
 
 
