@@ -108,6 +108,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     n = write_jsonl(build_demo_corpus(seed=args.seed), corpus)
     print(f"demo corpus: {n} documents (real news text from gensim + generated junk) -> {corpus}")
     settings = _load_run_settings(args.pipeline, args.steps, args.stages)
+    scoring = next((st for st in settings.stages if st.kind == "scoring"), None)
+    if (
+        args.max_tokens
+        and scoring is not None
+        and "max_tokens" not in scoring.config.get("model", {})
+    ):
+        model = {**scoring.config.get("model", {}), "max_tokens": args.max_tokens}
+        scoring.config["model"] = model
+        scoring.settings()  # validate now
+        print(f"scoring reads the first {args.max_tokens} tokens of each document")
     report = run_local(corpus, out, settings, progress=not args.no_progress)
     _print_summary(report)
     return 0
@@ -267,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="curate the shipped demo corpus")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=128,
+        help="tokens of each document the scoring models read (default 128, so that the "
+        "demo's two model passes per document take minutes on a 2-core CPU without bf16 "
+        "hardware; 0 = the pipeline's own budget, 512 by default)",
+    )
     common_run(p)
     p.set_defaults(fn=cmd_demo)
 

@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -154,13 +154,25 @@ def build_cores(settings: RunSettings) -> list[StageCore]:
     return [stage(s.kind).build_core(s.settings()) for s in settings.stages]
 
 
-def run_stage(kind: str, core: StageCore, batches: list[list[Sample]]) -> list[list[Outcome]]:
+def run_stage(
+    kind: str,
+    core: StageCore,
+    batches: list[list[Sample]],
+    on_batch: Callable[[int], object] = lambda n: None,
+) -> list[list[Outcome]]:
     """One stage over its whole (bounded) input: its registered bounded runner, else
-    ``process`` batch by batch."""
+    ``process`` batch by batch. ``on_batch(n)`` is told each time ``n`` more input samples
+    are done (for progress bars)."""
     spec = stage(kind)
     if spec.bounded:
-        return spec.run_bounded(core, batches)
-    return [core.process(b) for b in batches]
+        outcomes = spec.run_bounded(core, batches)
+        on_batch(sum(map(len, batches)))
+        return outcomes
+    results = []
+    for b in batches:
+        results.append(core.process(b))
+        on_batch(len(b))
+    return results
 
 
 def run_local(
@@ -236,8 +248,7 @@ def run_local(
             with tqdm(
                 total=run.samples_in, unit="doc", desc=spec.kind, disable=not progress
             ) as bar:
-                results = run_stage(spec.kind, core, batches)
-                bar.update(run.samples_in)
+                results = run_stage(spec.kind, core, batches, bar.update)
             run.seconds = time.perf_counter() - t_stage
             out = bus.setdefault(spec.topics.output, [])
             for outcomes in results:
