@@ -205,6 +205,16 @@ STAGES: tuple[StageSpec, ...] = (
         register="services.dedup.grpc_service:register",
         topics=Topics("sluice.ingest", "sluice.deduped", "sluice-dedup"),
     ),
+    StageSpec(
+        name="sink",
+        description="Parquet shards committed exactly once by manifest (S3/MinIO or a folder)",
+        settings="services.sink.settings:SinkSettings",
+        core="services.sink.core:SinkCore",
+        register="services.sink.grpc_service:register",
+        topics=Topics("sluice.sampled", "", "sluice-sink"),
+        worker="services.sink.worker:make_worker",
+        object_store="store",
+    ),
 )
 
 KINDS: tuple[str, ...] = tuple(s.name for s in STAGES)

@@ -46,9 +46,10 @@ SETTINGS = {
     "synth": "services.synth.settings:SynthSettings",
     "distill": "services.distill.settings:DistillSettings",
     "dedup": "services.dedup.settings:DedupSettings",
+    "sink": "services.sink.settings:SinkSettings",
 }
 # Where each stage's settings keep the object store, when it has one.
-S3_BLOCK = {"density": ("store",), "distill": ("topk_store", "s3")}
+S3_BLOCK = {"density": ("store",), "distill": ("topk_store", "s3"), "sink": ("store",)}
 
 
 @pytest.fixture(scope="module")

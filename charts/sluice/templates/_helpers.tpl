@@ -176,7 +176,7 @@ The block has endpoint, bucket, secure, region, access_key and secret_key fields
 (services/density/settings.py StoreSettings, services/distill/settings.py S3Settings).
 */}}
 {{- define "sluice.s3ConfigPath" -}}
-{{- get (dict "density" "store" "distill" "topk_store.s3") . }}
+{{- get (dict "density" "store" "distill" "topk_store.s3" "sink" "store") . }}
 {{- end }}
 
 {{/* "SLUICE_<STAGE>_": the env prefix of a stage's settings class. */}}
@@ -356,7 +356,7 @@ plus topics.extra: sorted, without repeats, one per line.
 {{- end }}
 {{- end }}
 {{- $topics = concat $topics .Values.topics.extra }}
-{{- $topics | uniq | sortAlpha | join "\n" }}
+{{- $topics | compact | uniq | sortAlpha | join "\n" }}
 {{- end }}
 
 {{/* The ports of kafka.bootstrapServers, sorted, without repeats, one per line. */}}

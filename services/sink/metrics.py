@@ -1,0 +1,37 @@
+"""The sink's own Prometheus metrics, on the process's StageMetrics registry: rows and
+bytes written, files and manifests committed, and how long a commit takes."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.runtime.metrics import LATENCY_BUCKETS
+
+
+class SinkMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rows = Counter(
+            "sluice_sink_rows_written", "Rows in committed shards.", registry=registry
+        )
+        self.bytes = Counter(
+            "sluice_sink_written_bytes",
+            "Bytes of committed Parquet shards (compressed, as stored).",
+            registry=registry,
+        )
+        self.files = Counter(
+            "sluice_sink_files_committed", "Shards made visible by a manifest.", registry=registry
+        )
+        self.manifests = Counter(
+            "sluice_sink_manifests_committed", "Manifests committed.", registry=registry
+        )
+        self.counted = Counter(
+            "sluice_sink_counted_samples",
+            "Samples read from count_topics (upstream drops), counted for retention only.",
+            registry=registry,
+        )
+        self.commit_seconds = Histogram(
+            "sluice_sink_commit_seconds",
+            "Time to write, publish and commit one set of shards and its manifest.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
