@@ -1,5 +1,5 @@
-"""The scoring core: heuristic rules, then perplexity, then Ask-LLM, each with a
-keep policy. Pure logic on domain objects; the gRPC servicer, the Kafka stage
+"""The scoring core: heuristic rules, then the learned classifier, then perplexity, then
+Ask-LLM, each with a keep policy. Pure logic on domain objects; the gRPC servicer, the Kafka stage
 and the local runner all call ``ScoringCore.score``.
 """
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from services.runtime.backends.base import Lazy, LMBackend
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
@@ -21,12 +22,17 @@ from services.scoring.prompts import (
 from services.scoring.quantile import TopFractionFilter
 from services.scoring.settings import STEP_ORDER, ScoringSettings, SignalPolicy, Step
 
+if TYPE_CHECKING:
+    from services.scoring.classifier import QualityClassifier
+
 STAGE = "scoring"
 
 Filters = dict[str, TopFractionFilter]
 """Top-fraction filters by step: the state behind 'keep the best X% so far'."""
 LLM_STEPS: frozenset[str] = frozenset({"perplexity", "ask_llm"})
-HIGHER_IS_BETTER = {"ask_llm": True, "perplexity": False}
+SCORED_STEPS: tuple[str, ...] = ("classifier", "perplexity", "ask_llm")
+"""Steps that give a score (and have a keep policy)."""
+HIGHER_IS_BETTER = {"ask_llm": True, "perplexity": False, "classifier": True}
 
 
 class ScoringCore:
@@ -41,6 +47,7 @@ class ScoringCore:
         settings: ScoringSettings,
         backend: LMBackend | Callable[[], LMBackend] | None = None,
         metrics: StageObserver | None = None,
+        classifier: QualityClassifier | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -48,6 +55,7 @@ class ScoringCore:
         self.heuristics = HeuristicFilter(settings.heuristics)
         self._backend = Lazy(backend, "next_token_logprobs", self._default_backend)
         self._answer_ids: tuple[list[int], list[int]] | None = None
+        self._classifier: QualityClassifier | None = classifier
         self._filters = self.new_filters()
         # Cumulative seconds per step, for run reports (not for decisions).
         self.step_seconds: dict[str, float] = dict.fromkeys(STEP_ORDER, 0.0)
@@ -57,7 +65,7 @@ class ScoringCore:
         fraction). The core's own set serves gRPC and local runs; the Kafka worker keeps a
         set per input partition (services.scoring.worker)."""
         filters: Filters = {}
-        for step in ("ask_llm", "perplexity"):
+        for step in SCORED_STEPS:
             pol = self._policy(step)
             if pol.mode == "top_fraction":
                 filters[step] = TopFractionFilter(pol.top_fraction, HIGHER_IS_BETTER[step])
@@ -70,12 +78,26 @@ class ScoringCore:
 
     @property
     def signals(self) -> list[str]:
-        return [s for s in self.steps if s in LLM_STEPS]
+        return [s for s in self.steps if s in SCORED_STEPS]
 
     def _policy(self, step: str) -> SignalPolicy:
+        if step == "classifier":
+            return self.settings.classifier.policy
         return (
             self.settings.ask_llm.policy if step == "ask_llm" else self.settings.perplexity.policy
         )
+
+    @property
+    def classifier(self) -> QualityClassifier:
+        """The trained classifier, loaded on first use from ``classifier.artifact``."""
+        if self._classifier is None:
+            from services.scoring.classifier import QualityClassifier
+
+            c = self.settings.classifier
+            self._classifier = QualityClassifier(
+                c.artifact, device=c.device, batch_size=c.batch_size, store=c.store
+            )
+        return self._classifier
 
     @property
     def backend(self) -> LMBackend:
@@ -88,9 +110,16 @@ class ScoringCore:
 
     @property
     def model_version(self) -> str:
-        if not any(s in LLM_STEPS for s in self.steps):
-            return "heuristics"
-        return self.backend.model_version
+        return self._version(self.steps)
+
+    def _version(self, steps: Sequence[str]) -> str:
+        """What decided: the LM's version and/or ``classifier:<version>``, else 'heuristics'."""
+        parts = []
+        if "classifier" in steps:
+            parts.append(f"classifier:{self.classifier.version}")
+        if any(s in LLM_STEPS for s in steps):
+            parts.append(self.backend.model_version)
+        return "+".join(parts) or "heuristics"
 
     def resolve_steps(self, requested: Sequence[str]) -> list[Step]:
         """The steps a request asks for, validated, in canonical order.
@@ -141,6 +170,8 @@ class ScoringCore:
             t0 = time.perf_counter()
             if step == "heuristics":
                 verdicts = self._heuristics(batch)
+            elif step == "classifier":
+                verdicts = self._apply("classifier", self._classify(batch), filters)
             elif step == "perplexity":
                 verdicts = self._apply("perplexity", self._perplexity(batch), filters)
             else:
@@ -151,7 +182,7 @@ class ScoringCore:
             for i, why in zip(alive, verdicts, strict=True):
                 if why:
                     reasons[i] = f"{step}:{why}"
-        version = self.model_version if any(s in LLM_STEPS for s in run) else "heuristics"
+        version = self._version(run)
         outcomes = []
         for s, why in zip(samples, reasons, strict=True):
             s.lineage.append(
@@ -171,6 +202,12 @@ class ScoringCore:
             res = self.heuristics.evaluate(s.content)
             out.append(res.failed[0] if res.failed else "")
         return out
+
+    def _classify(self, batch: list[Sample]) -> list[float]:
+        probs = self.classifier.score([s.content for s in batch])
+        for s, v in zip(batch, probs, strict=True):
+            s.scores["classifier"] = float(v)
+        return [float(v) for v in probs]
 
     def _perplexity(self, batch: list[Sample]) -> list[float]:
         nlls = self.backend.sequence_nll([s.content for s in batch])

@@ -7,15 +7,18 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from services.runtime.backends.base import ModelSettings
+from services.runtime.objectstore import ObjectStoreSettings
 from services.runtime.settings import StrictModel
 from services.runtime.stage import StageSettings
 from services.scoring.heuristics import HeuristicSettings
 from services.scoring.prompts import ASK_LLM_QUESTION
 
-Step = Literal["heuristics", "perplexity", "ask_llm"]
+Step = Literal["heuristics", "classifier", "perplexity", "ask_llm"]
 # The order steps run in, cheapest first: rules drop obvious junk before any
-# model sees it.
-STEP_ORDER: tuple[Step, ...] = ("heuristics", "perplexity", "ask_llm")
+# model sees it; the learned classifier (embeddings + a head) before any LM.
+STEP_ORDER: tuple[Step, ...] = ("heuristics", "classifier", "perplexity", "ask_llm")
+DEFAULT_STEPS: tuple[Step, ...] = ("heuristics", "perplexity", "ask_llm")
+"""The classifier needs a trained artifact, so it runs only when asked for."""
 
 
 class SignalPolicy(StrictModel):
@@ -59,22 +62,52 @@ class PerplexitySettings(StrictModel):
     )
 
 
+class ClassifierSettings(StrictModel):
+    """The learned classifier step: which trained artifact, where it runs, its keep policy.
+
+    A new version is deployed by pointing ``artifact`` at it and restarting the worker (no
+    rebuild): the version is in the worker's batch ids, lineage and ``model_info`` metric
+    from its first batch."""
+
+    artifact: str = Field(
+        "",
+        description="Trained classifier (sluice classifier train): a directory or "
+        "s3://bucket/prefix holding model.json and head.pt. Required by the 'classifier' step.",
+    )
+    store: ObjectStoreSettings = Field(
+        default_factory=ObjectStoreSettings,
+        description="The S3/MinIO endpoint and credentials for an s3:// artifact (its bucket "
+        "comes from the URI).",
+    )
+    device: str = Field("cpu", description="torch device of the embedding model and head.")
+    batch_size: int = Field(64, ge=1, description="Texts per embedding forward pass.")
+    policy: SignalPolicy = Field(
+        default_factory=lambda: SignalPolicy(mode="threshold", threshold=0.5),
+        description="Default: keep P(teacher keeps) >= 0.5, the head's own decision boundary; "
+        "'top_fraction' keeps the best share of the stream.",
+    )
+
+
 class ScoringSettings(StageSettings):
     """Everything the scoring service reads: model, steps, and per-step policies."""
 
     kind = "scoring"
 
     steps: list[Step] = Field(
-        default_factory=lambda: list(STEP_ORDER),
-        description="Steps to run; they always run in the order heuristics, perplexity, ask_llm.",
+        default_factory=lambda: list(DEFAULT_STEPS),
+        description="Steps to run; they always run in the order heuristics, classifier, "
+        "perplexity, ask_llm (default: all but the classifier, which needs an artifact).",
     )
     model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
     heuristics: HeuristicSettings = Field(default_factory=HeuristicSettings)
     ask_llm: AskLLMSettings = Field(default_factory=AskLLMSettings)
     perplexity: PerplexitySettings = Field(default_factory=PerplexitySettings)
+    classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
 
     @model_validator(mode="after")
     def _steps_known_and_unique(self) -> ScoringSettings:
         if len(set(self.steps)) != len(self.steps):
             raise ValueError(f"steps repeat: {self.steps}")
+        if "classifier" in self.steps and not self.classifier.artifact:
+            raise ValueError("the classifier step needs classifier.artifact (a trained model)")
         return self
