@@ -9,6 +9,8 @@ sluice serve SERVICE [serve|worker|all] run a service (gRPC and/or Kafka worker)
 sluice density merge --name N --version V   merge pass-1 sketch parts in the store
 sluice publish INPUT --topic T          publish a corpus to a Kafka ingest topic
 sluice topics T [T ...]                 create Kafka topics (idempotent)
+sluice classifier train ...             train a quality classifier on a teacher's judgments
+sluice replay ...                       re-run a stage at a new version; comparison report
 
 publish and topics connect with TLS/SASL from env SLUICE_KAFKA_SECURITY__* (PROTOCOL,
 SASL_MECHANISM, SASL_USERNAME, SASL_PASSWORD_FILE, CA_FILE, CERT_FILE, KEY_FILE).
@@ -27,6 +29,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from services.cli_flywheel import add_parsers as add_flywheel_parsers
 from services.runtime.errors import SluiceError
 from services.runtime.registry import KINDS, STAGES
 
@@ -347,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="config of created topics, repeatable (e.g. max.message.bytes=8388608)",
     )
     p.set_defaults(fn=cmd_topics)
+    add_flywheel_parsers(sub)  # sluice classifier train, sluice replay
     return ap
 
 
