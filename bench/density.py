@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from services.density.exact import accumulate_kde, suggest_width
+from services.density.bandwidth import choose_width
+from services.density.exact import accumulate_kde
 from services.density.sketch import RaceSketch, SketchParams
 
 
@@ -135,9 +136,10 @@ def _in_chunk(indices: np.ndarray, start: int, size: int) -> np.ndarray:
 
 def _params(args: argparse.Namespace, stream: ClusteredStream) -> SketchParams:
     width = args.width
-    if width is None:  # the documented recipe, on a uniform sample (chunk 0 is one)
+    if width is None:  # sketch.width: auto, on a uniform sample (chunk 0 is one)
         _, first = next(iter(stream))
-        width = suggest_width(first[: args.width_sample].numpy(), args.hashes_per_row)
+        sample = first[: args.width_sample].numpy()
+        width = choose_width(sample, args.hashes_per_row, rule=args.width_rule).width
     return SketchParams(
         dim=args.dim,
         rows=args.rows,
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> Outcome:
     stream = ClusteredStream(
         args.points, args.dim, args.clusters, args.latent, args.chunk, args.seed
     )
-    sketch = RaceSketch(_params(args, stream))
+    sketch = RaceSketch(_params(args, stream), device=args.device)
     subset = _subset_indices(args.points, args.subset, args.seed)
     queries = np.zeros((len(subset), args.dim), dtype=np.float32)
     clock = Clock()
@@ -275,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--latent", type=int, default=32, help="intrinsic dimension of the noise")
     ap.add_argument("--chunk", type=int, default=65536, help="points generated per chunk")
-    ap.add_argument("--rows", type=int, default=50)
+    ap.add_argument("--rows", type=int, default=100, help="R (the stage default)")
     ap.add_argument("--hashes-per-row", type=int, default=8)
     ap.add_argument("--buckets", type=int, default=4096)
-    ap.add_argument("--width", type=float, default=None, help="default: suggest_width on a sample")
-    ap.add_argument("--width-sample", type=int, default=2000, help="sample for suggest_width")
+    ap.add_argument("--width", type=float, default=None, help="default: auto (choose_width)")
+    ap.add_argument("--width-rule", default="spread", choices=["spread", "nn_quantile"])
+    ap.add_argument("--width-sample", type=int, default=2000, help="sample for the auto width")
+    ap.add_argument("--device", default="cpu", help="where points are hashed: cpu, cuda")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     load_before = _load()

@@ -176,10 +176,10 @@ class _Hasher:
     def flat_ids(self, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """(n, dim) float32 and their norms -> (R, n) int64 index into the flat R x B counts."""
         p = self.params
-        h = self._cells(x, norms).to(torch.int32)  # (K*R, n), exact: |h| < 2^20
+        h = self._cells(x, norms).to(torch.int64)  # (K*R, n), exact: |h| < 2^20
         acc = h[: p.rows] * self._mult[0]  # int64 products: exact, |a * h| < 2^58
-        for k in range(1, p.hashes_per_row):
-            acc += h[k * p.rows : (k + 1) * p.rows] * self._mult[k]
+        for k in range(1, p.hashes_per_row):  # fused multiply-add, no temporary
+            acc.addcmul_(h[k * p.rows : (k + 1) * p.rows], self._mult[k])
         acc += self._add
         if self._pow2_shift is not None:  # same function as below, cheaper for B = 2^l
             acc >>= self._pow2_shift
@@ -194,9 +194,10 @@ class _Hasher:
     def _cells(self, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """floor(w . x/|x| + b) per (hash, point), as integer-valued float32 (R*K, n)."""
         inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-        proj = self._project(x)
-        proj *= inv
-        proj += self._b32
+        # Normalising the (n, dim) points is cheaper than scaling the (R*K, n) projections,
+        # and the offset rides along in the matmul: w . (x/|x|) + b in one product. Its
+        # float32 error stays within a few units of the margin below (see _near_boundary).
+        proj = self._project(x * inv[:, None])
         cells = torch.floor(proj)
         frac = proj.sub_(cells)
         cols, pts = self._near_boundary(frac)
@@ -205,15 +206,15 @@ class _Hasher:
         return cells
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """w . x in float32. On CUDA, full float32 precision is forced for the product:
+        """w . x + b in float32. On CUDA, full float32 precision is forced for the product:
         TF32 (10-bit mantissa) would move far more projections across cell boundaries than
         the float64 recomputation margin covers."""
         if self.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest":
-            return torch.mm(self._w32, x.t())
+            return torch.addmm(self._b32, self._w32, x.t())
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
-            return torch.mm(self._w32, x.t())
+            return torch.addmm(self._b32, self._w32, x.t())
         finally:
             torch.set_float32_matmul_precision(previous)
 
