@@ -379,6 +379,7 @@ class StageWorker:
         self._digest = decision_digest(
             self.stage, self.decision_version or self.processor.model_version
         )
+        self.metrics.set_model_version(self.processor.model_version)
         consumer, producer = self._connect()
         self._consumer, self._producer = consumer, producer
         last_data = time.monotonic()

@@ -126,6 +126,14 @@ class StageMetrics:
             ["stage", "method", "code"],
             registry=r,
         )
+        self.model_info = Gauge(
+            "sluice_stage_model_info",
+            "1 for the model version deciding now (label model_version: the LM's, "
+            "'classifier:<version>', or 'heuristics'); join on stage to break any series "
+            "down by version. One series per version a process ran: bounded.",
+            ["stage", "model_version"],
+            registry=r,
+        )
         self._scores: dict[str, Histogram] = {}
 
     def score_histogram(self, signal: str) -> Histogram:
@@ -172,6 +180,12 @@ class StageMetrics:
         self.tokens_out.labels(st, tr).inc(kept_tokens)
         for count in step_counts(outcomes, steps):
             self.observe_step(count.step, count.samples_in, count.samples_kept)
+
+    def set_model_version(self, version: str) -> None:
+        """Mark ``version`` as the one deciding now (and earlier ones of this process not)."""
+        for labels in list(self.model_info._metrics):
+            self.model_info.labels(*labels).set(0)
+        self.model_info.labels(self.stage, version).set(1)
 
     def observe_generation(self, tokens: int, seconds: float) -> None:
         """Record one batched generate() call: tokens generated and its latency."""
