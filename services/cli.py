@@ -7,7 +7,7 @@ sluice pipeline render-values FILE      the chart's stages values for a pipeline
 sluice serve SERVICE [serve|worker|all] run a service (gRPC and/or Kafka worker);
                                         SERVICE: a registered stage kind
 sluice density merge --name N --version V   merge pass-1 sketch parts in the store
-sluice publish INPUT --topic T          publish a corpus to a Kafka ingest topic
+sluice publish INPUT --topic T          publish a corpus (files, globs, s3://) to a topic
 sluice topics T [T ...]                 create Kafka topics (idempotent)
 sluice classifier train ...             train a quality classifier on a teacher's judgments
 sluice replay ...                       re-run a stage at a new version; comparison report
@@ -188,14 +188,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
     from tqdm import tqdm
 
-    from services.local.runner import RunSettings, count_lines, read_records
     from services.runtime.codec import BatchCodec
-    from services.runtime.kafka_stage import ensure_topics, publish
+    from services.runtime.kafka_stage import ensure_topics
     from services.runtime.settings import KafkaClientEnv
+    from services.runtime.sources import (
+        PublishCheckpoint,
+        list_sources,
+        object_store,
+        publish_files,
+    )
 
-    path = Path(args.input)
-    if not path.is_file():
-        raise SluiceError(f"input not found: {path}")
+    store = object_store(args.s3_endpoint, not args.s3_insecure)
+    files = list_sources(args.input, store)
     kafka = KafkaClientEnv().kafka(args.bootstrap)
     ensure_topics(kafka, [args.topic], partitions=args.partitions)
     producer = KafkaProducer(
@@ -203,28 +207,31 @@ def cmd_publish(args: argparse.Namespace) -> int:
         acks="all",
         max_request_size=args.max_message_bytes + 65536,
     )
-    bad = 0
-
-    def samples():  # type: ignore[no-untyped-def]
-        nonlocal bad
-        for rec in read_records(path, RunSettings()):
-            if rec.sample is None:
-                bad += 1
-                continue
-            yield rec.sample
-
-    with tqdm(total=count_lines(path), unit="doc", desc=f"publish {args.topic}") as bar:
-        n = publish(
+    checkpoint = PublishCheckpoint.load(args.checkpoint)
+    with tqdm(unit="doc", desc=f"publish {args.topic}", disable=args.no_progress) as bar:
+        report = publish_files(
             producer,
             args.topic,
-            samples(),
+            files,
+            store=store,
+            checkpoint=checkpoint,
+            text_field=args.text_field,
+            id_field=args.id_field,
             batch_size=args.batch_size,
             codec=BatchCodec(args.max_message_bytes),
-            batch_prefix=path.stem + "-",
-            on_batch=bar.update,
+            on_samples=bar.update,
         )
     producer.close()
-    print(f"published {n} batches to {args.topic}; skipped {bad} invalid records")
+    invalid = sum(report.invalid.values())
+    print(
+        f"published {report.samples} samples from {report.files} file(s) in {report.messages} "
+        f"batches to {args.topic}; skipped {invalid} invalid records"
+        + (
+            f" ({', '.join(f'{k}={v}' for k, v in sorted(report.invalid.items()))})"
+            if invalid
+            else ""
+        )
+    )
     return 0
 
 
@@ -319,8 +326,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="overwrite an existing merged version")
     m.set_defaults(fn=cmd_density_merge)
 
-    p = sub.add_parser("publish", help="publish a JSONL/Parquet corpus to a Kafka topic")
-    p.add_argument("input")
+    p = sub.add_parser(
+        "publish",
+        help="publish a corpus (file, directory, glob or s3://bucket/prefix/ of JSONL, "
+        "JSONL.gz/.zst, Parquet) to a Kafka topic",
+    )
+    p.add_argument("input", help="file, directory, glob, or s3://bucket/prefix/")
+    p.add_argument("--text-field", default="text", help="record field holding the text")
+    p.add_argument(
+        "--id-field", default="id", help="record field holding the id (absent: <file>-<n>)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="progress file: an interrupted publish resumes where it stopped (at-least-once)",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        default=os.environ.get("SLUICE_S3_ENDPOINT", ""),
+        help="host:port of the S3 API for s3:// inputs (keys: AWS_ACCESS_KEY_ID/"
+        "AWS_SECRET_ACCESS_KEY)",
+    )
+    p.add_argument("--s3-insecure", action="store_true", help="plain HTTP to the S3 endpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--topic", default="sluice.ingest")
     p.add_argument(
         "--bootstrap", default=os.environ.get("SLUICE_KAFKA_BOOTSTRAP", "localhost:9092")
