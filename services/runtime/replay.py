@@ -33,7 +33,7 @@ import numpy as np
 from services.runtime.codec import BatchCodec
 from services.runtime.domain import Action, Sample
 from services.runtime.errors import ConfigError, InvalidArgument, SluiceError
-from services.runtime.evaluation import spearman
+from services.runtime.evaluation import roc_auc, spearman
 from services.runtime.kafka_stage import decision_digest
 from services.runtime.settings import KafkaSettings
 from services.runtime.stage import StageCore
@@ -313,18 +313,24 @@ def compare(
         return {
             "id": i,
             "text": text[:240] + ("..." if len(text) > 240 else ""),
-            "baseline_score": b.scores.get(bk),
-            "replay_score": r.scores.get(rk),
+            "baseline_score": score(b, bk),
+            "replay_score": score(r, rk),
             "baseline_reason": b.reason,
             "replay_reason": r.reason,
         }
 
+    if not bk:  # a baseline without scores (rules only): its decision is its score
+        bk = "kept"
+
+    def score(d: Decision, key: str) -> float | None:
+        return float(d.kept) if key == "kept" else d.scores.get(key)
+
     k2d = [i for i in common if baseline[i].kept and not replay[i].kept]
     d2k = [i for i in common if not baseline[i].kept and replay[i].kept]
     pairs = [
-        (baseline[i].scores[bk], replay[i].scores[rk])
+        (bs, rs)
         for i in common
-        if bk in baseline[i].scores and rk in replay[i].scores
+        if (bs := score(baseline[i], bk)) is not None and (rs := score(replay[i], rk)) is not None
     ]
     a = np.array([p[0] for p in pairs], dtype=np.float64)
     b = np.array([p[1] for p in pairs], dtype=np.float64)
@@ -358,9 +364,19 @@ def compare(
             "pairs": len(pairs),
             "spearman": None if np.isnan(rho) else rho,
             "pearson": pearson,
+            "auc_vs_baseline_decisions": _auc_or_none(
+                [baseline[i].kept for i in common if rk in replay[i].scores],
+                [replay[i].scores[rk] for i in common if rk in replay[i].scores],
+            ),
         },
         "_scatter": {"baseline": a.tolist(), "replay": b.tolist()},
     }
+
+
+def _auc_or_none(labels: list[bool], scores: list[float]) -> float | None:
+    """How well the replay's score ranks what the baseline kept above what it dropped."""
+    value = roc_auc(labels, scores) if labels else float("nan")
+    return None if np.isnan(value) else value
 
 
 def _common_version(d: dict[str, Decision], ids: list[str]) -> str:
