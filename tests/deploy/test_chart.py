@@ -368,6 +368,7 @@ def _stage_topics(objs: dict[Key, dict[str, Any]]) -> set[str]:
         dropped = str(cfg.get("dropped_topic") or f"{k['output_topic']}.dropped")
         if dropped.lower() != "none":
             topics.add(dropped)
+    topics.discard("")  # a stage without an output topic (the sink)
     return topics
 
 
@@ -491,7 +492,9 @@ def test_network_policies(gpu_objs: dict[Key, dict[str, Any]], gpu_values: dict[
         assert egress[(53, "UDP")] is None and egress[(53, "TCP")] is None  # DNS anywhere
         assert egress[(9092, "TCP")] == np["egress"]["kafka"]["to"]
         assert egress[(8080, "TCP")] == np["egress"]["extra"][0]["to"]
-        has_store = name in ("sluice-density", "sluice-density-build", "sluice-distill")
+        has_store = name in (
+            "sluice-density", "sluice-density-build", "sluice-distill", "sluice-sink"
+        )  # fmt: skip
         assert (egress.get((9000, "TCP")) == np["egress"]["objectStore"]["to"]) is has_store, name
         assert ((443, "TCP") in egress) is (name == "sluice-operator"), name
     # density runs as a worker: metrics only, no gRPC port to open.
