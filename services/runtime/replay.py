@@ -412,12 +412,23 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         fontsize=9,
     )
     sc = report["score_correlation"]
-    if scatter.get("baseline"):
-        ax2.scatter(scatter["baseline"], scatter["replay"], s=8, alpha=0.6)
-    ax2.set_xlabel(f"baseline: {sc['baseline_score']}")
-    ax2.set_ylabel(f"replay: {sc['replay_score']}")
+    xs, ys = np.array(scatter.get("baseline", [])), np.array(scatter.get("replay", []))
     rho = sc["spearman"]
-    ax2.set_title(f"score correlation: spearman {rho:.3f}" if rho is not None else "scores")
+    if sc["baseline_score"] == "kept":  # a rules-only baseline: the score by its decision
+        bins = np.linspace(0, 1, 21)
+        ax2.hist(ys[xs == 1], bins=bins, alpha=0.6, label="baseline kept")
+        ax2.hist(ys[xs == 0], bins=bins, alpha=0.6, label="baseline dropped")
+        ax2.set_xlabel(f"replay: {sc['replay_score']}")
+        ax2.set_ylabel("samples")
+        ax2.legend()
+        auc = sc.get("auc_vs_baseline_decisions")
+        ax2.set_title(f"AUC vs baseline decisions {auc:.3f}" if auc is not None else "scores")
+    else:
+        if len(xs):
+            ax2.scatter(xs, ys, s=8, alpha=0.6)
+        ax2.set_xlabel(f"baseline: {sc['baseline_score']}")
+        ax2.set_ylabel(f"replay: {sc['replay_score']}")
+        ax2.set_title(f"score correlation: spearman {rho:.3f}" if rho is not None else "scores")
     fig.tight_layout()
     png_path = out_dir / "report.png"
     fig.savefig(png_path, dpi=110)
