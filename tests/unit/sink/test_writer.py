@@ -190,3 +190,23 @@ def test_date_partition(tmp_path: Path) -> None:
     assert m is not None
     (f,) = m.files
     assert len(f.partition) == 10 and f.partition[4] == "-"
+
+
+def test_commit_metrics(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from services.sink.metrics import SinkMetrics
+
+    registry = CollectorRegistry()
+    s = settings(tmp_path)
+    w = ShardWriter(LocalTarget(s.directory), s, SinkMetrics(registry))
+    w.recover()
+    w.add((T, 0), 0, [sample(0, "web"), sample(1, "books")])
+    m = w.commit()
+    assert m is not None
+    value = registry.get_sample_value
+    assert value("sluice_sink_rows_written_total") == 2
+    assert value("sluice_sink_files_committed_total") == 2
+    assert value("sluice_sink_manifests_committed_total") == 1
+    assert value("sluice_sink_written_bytes_total") == sum(f.bytes for f in m.files) > 0
+    assert value("sluice_sink_commit_seconds_count") == 1
