@@ -25,7 +25,9 @@ and the sampler degrades to uniform (and the sketch's noise decides the ranking)
 narrow one makes every point look isolated. Recipe:
 
 1. K = 4..8: p^K of a larger K has a lighter tail, so less background.
-2. width from data: ``suggest_width(sample, K)`` puts the kernel at
+2. width from data: the stage's ``sketch.width: auto`` (``services.density.bandwidth``,
+   the width that maximises the spread of log-density) is the default; the older recipe
+   ``suggest_width(sample, K)`` puts the kernel at
    ``kernel_at_median`` (default 0.05) at the median nearest-neighbour distance of a
    uniform sample of a few thousand embeddings. The kernel must have decayed well by that
    distance because the corpus is far denser than the sample. On 384-d clustered data

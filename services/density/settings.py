@@ -46,9 +46,10 @@ class SketchSettings(StrictModel):
     hashes_per_row: int = Field(
         8,
         ge=1,
-        description="K: p-stable hashes per row; larger K = narrower kernel. K=8 with "
-        "width 1.4 tracks exact KDE best on 384-dim embeddings (bench.density); K=2 is so "
-        "wide that a flat background dominates every score.",
+        description="K: p-stable hashes per row; the kernel is p(c / width)^K, so a larger "
+        "K cuts its heavy tail. K=8 with width auto ranks like exact KDE best at a given "
+        "cost R*K (bench.density, docs/density.md); K=2 is so heavy-tailed that a flat "
+        "background dominates every score.",
     )
     buckets: int = Field(
         4096, ge=2, description="B: buckets per row; rehash collisions add ~n/B to every score."
