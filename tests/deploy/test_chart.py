@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.runtime.registry import stage as stage_spec
 from tests.deploy.chart import (
     CHART,
     GPU_VALUES,
@@ -39,17 +40,12 @@ CUSTOM_KINDS = {
     ("sluice.dev/v1alpha1", "SluiceScaler"),
 }
 
-SETTINGS = {
-    "scoring": "services.scoring.settings:ScoringSettings",
-    "density": "services.density.settings:DensitySettings",
-    "rewrite": "services.rewrite.settings:RewriteSettings",
-    "synth": "services.synth.settings:SynthSettings",
-    "distill": "services.distill.settings:DistillSettings",
-    "dedup": "services.dedup.settings:DedupSettings",
-    "sink": "services.sink.settings:SinkSettings",
+# Each stage's settings class and where its settings keep the object store (if they do),
+# as the registry declares them: the chart's values must validate against exactly these.
+SETTINGS = {kind: stage_spec(kind).settings for kind in STAGES}
+S3_BLOCK = {
+    k: tuple(stage_spec(k).object_store.split(".")) for k in STAGES if stage_spec(k).object_store
 }
-# Where each stage's settings keep the object store, when it has one.
-S3_BLOCK = {"density": ("store",), "distill": ("topk_store", "s3"), "sink": ("store",)}
 
 
 @pytest.fixture(scope="module")
