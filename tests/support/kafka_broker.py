@@ -34,11 +34,10 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Address
 from pathlib import Path
 
 from tests.support.servers import free_port, wait_port
+from tests.support.tls import make_pki
 
 KAFKA_VERSION = "4.4.0"
 HERE = Path(__file__).resolve().parent / "kafka"
@@ -127,98 +126,19 @@ class TlsFiles:
 
 
 def make_tls_files(root: Path) -> TlsFiles:
-    """Generate the CA and certificates with ``cryptography`` (EC P-256, valid one day)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    root.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(UTC) - timedelta(minutes=5)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    def pem_cert(cert: x509.Certificate) -> bytes:
-        return cert.public_bytes(serialization.Encoding.PEM)
-
-    def ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(name(cn))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        return key, cert
-
-    ca_key, ca_cert = ca("sluice test CA")
-    _, other_cert = ca("some other CA")
-
-    def leaf(cn: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName] | None):
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return key, builder.sign(ca_key, hashes.SHA256())
-
-    broker_key, broker_cert = leaf(
-        "localhost",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))],
+    """The test PKI (``tests.support.tls.make_pki``) as a Kafka broker reads it: its key store
+    is the server's PKCS#8 key followed by its certificate (Kafka's PEM type)."""
+    pki = make_pki(root)
+    broker = root / "broker-keystore.pem"
+    broker.write_bytes(pki.read("server_key") + pki.read("server_cert"))
+    broker.chmod(0o600)
+    return TlsFiles(
+        ca=pki.ca,
+        broker=broker,
+        client_cert=pki.client_cert,
+        client_key=pki.client_key,
+        other_ca=pki.other_ca,
     )
-    client_key, client_cert = leaf("sluice-client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
-    files = TlsFiles(
-        ca=root / "ca.pem",
-        broker=root / "broker-keystore.pem",
-        client_cert=root / "client.pem",
-        client_key=root / "client.key",
-        other_ca=root / "other-ca.pem",
-    )
-    files.ca.write_bytes(pem_cert(ca_cert))
-    files.other_ca.write_bytes(pem_cert(other_cert))
-    files.broker.write_bytes(pem_key(broker_key) + pem_cert(broker_cert))
-    files.client_cert.write_bytes(pem_cert(client_cert))
-    files.client_key.write_bytes(pem_key(client_key))
-    for f in (files.broker, files.client_key):
-        f.chmod(0o600)
-    return files
 
 
 @dataclass

@@ -37,12 +37,13 @@ def make_pki(root: Path) -> Pki:
 
     root.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC) - timedelta(minutes=5)
-    Key = ec.EllipticCurvePrivateKey
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    def builder(subject: str, issuer: x509.Name, key: Key) -> x509.CertificateBuilder:
+    def builder(
+        subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+    ) -> x509.CertificateBuilder:
         return (
             x509.CertificateBuilder()
             .subject_name(name(subject))
@@ -53,7 +54,7 @@ def make_pki(root: Path) -> Pki:
             .not_valid_after(now + timedelta(days=1))
         )
 
-    def ca(cn: str) -> tuple[Key, x509.Certificate]:
+    def ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             builder(cn, name(cn), key)
@@ -78,10 +79,10 @@ def make_pki(root: Path) -> Pki:
 
     def leaf(
         cn: str,
-        signer: tuple[Key, x509.Certificate],
+        signer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
         usage: x509.ObjectIdentifier,
         san: list[x509.GeneralName] | None = None,
-    ) -> tuple[Key, x509.Certificate]:
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
         b = (
             builder(cn, signer[1].subject, key)
@@ -92,7 +93,7 @@ def make_pki(root: Path) -> Pki:
             b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return key, b.sign(signer[0], hashes.SHA256())
 
-    def write(path: Path, obj: Key | x509.Certificate) -> Path:
+    def write(path: Path, obj: ec.EllipticCurvePrivateKey | x509.Certificate) -> Path:
         if isinstance(obj, x509.Certificate):
             path.write_bytes(obj.public_bytes(serialization.Encoding.PEM))
         else:
