@@ -2,9 +2,9 @@
 
 ``python scripts/build_dashboard.py`` regenerates
 ``charts/sluice/files/dashboards/sluice-overview.json``; ``--check`` exits 1 when the file
-is stale (a test runs it). Panels are declared here rather than edited as JSON so every
-query stays readable and reviewable; tests/deploy/test_dashboard.py runs each query
-against a real Prometheus scraping real services.
+is stale (tests/deploy/test_static_files.py runs it). Panels are declared here rather than
+edited as JSON so every query stays readable and reviewable; tests/integration/test_dashboard.py
+runs each query against a real Prometheus scraping real services.
 """
 
 from __future__ import annotations
@@ -148,6 +148,47 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str, int]] = [
                 f"sum by (stage, method, code) (rate(sluice_grpc_requests_total[{WINDOW}]))",
             )
         ],
+        "timeseries",
+        12,
+    ),
+    (
+        "Dedup: duplicates dropped per level (per second)",
+        "ops",
+        [
+            (
+                "{{level}} {{transport}}",
+                f"sum by (level, transport) (rate(sluice_dedup_duplicates_total[{WINDOW}]))",
+            )
+        ],
+        "timeseries",
+        12,
+    ),
+    (
+        "Dedup: duplicate share of samples in, per level",
+        "percentunit",
+        [
+            (
+                "{{level}} {{transport}}",
+                f"sum by (level, transport) (rate(sluice_dedup_duplicates_total[{WINDOW}])) "
+                "/ ignoring (level) group_left sum by (transport) "
+                f'(rate(sluice_stage_samples_in_total{{stage="dedup"}}[{WINDOW}]))',
+            )
+        ],
+        "timeseries",
+        12,
+    ),
+    # Every replica reports the size of the one shared store (Redis): max, not sum.
+    (
+        "Dedup: state keys (shared store)",
+        "short",
+        [("keys", "max(sluice_dedup_state_keys)")],
+        "timeseries",
+        12,
+    ),
+    (
+        "Dedup: state bytes (shared store)",
+        "bytes",
+        [("bytes", "max(sluice_dedup_state_bytes)")],
         "timeseries",
         12,
     ),

@@ -2,8 +2,9 @@
 
 A real scoring service process (gRPC + Kafka worker + /metrics) curates a small corpus
 from the real broker (with one garbage message for the dead-letter panel and one gRPC
-call for the request panel); a real Prometheus server scrapes it; each dashboard
-expression is then evaluated by that Prometheus.
+call for the request panel); a real dedup worker (state in real Redis) reads the same
+corpus, which carries exact and near duplicates; a real Prometheus server scrapes both;
+each dashboard expression is then evaluated by that Prometheus.
 """
 
 from __future__ import annotations
@@ -28,13 +29,28 @@ from services.gen.sluice.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from services.runtime.domain import Sample
 from services.runtime.kafka_stage import ensure_topics, publish
 from tests.integration.kafka_util import read_topic, unique
-from tests.support.servers import free_port, start_prometheus, wait_port
+from tests.support.servers import Server, free_port, start_prometheus, wait_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts/sluice/files/dashboards/sluice-overview.json"
 N = 48
+# Stage-specific metrics without labels (or gauges) exist from process start: for their
+# panels a finite value proves only that the process was scraped, so they must be positive,
+# i.e. show the work this test made the stage do.
+MUST_MOVE = ("sluice_dedup_",)
+
+
+def _stage(module: str, mode: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as log_f:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, mode],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=log_f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _queries() -> list[tuple[str, str]]:
@@ -50,19 +66,31 @@ def _query(prom: str, expr: str) -> list[dict[str, Any]]:
     return list(body["data"]["result"])
 
 
-def _has_finite_value(result: list[dict[str, Any]]) -> bool:
-    return any(math.isfinite(float(r["value"][1])) for r in result)
+def _has_data(expr: str, result: list[dict[str, Any]]) -> bool:
+    values = [float(r["value"][1]) for r in result]
+    if any(m in expr for m in MUST_MOVE):
+        return any(math.isfinite(v) and v > 0 for v in values)
+    return any(math.isfinite(v) for v in values)
 
 
-def test_every_dashboard_query_returns_data(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_every_dashboard_query_returns_data(
+    kafka_bootstrap: str, redis_server: Server, tmp_path: Path
+) -> None:
     ingest, out, group = unique("dash-in"), unique("dash-out"), unique("dash-grp")
-    ensure_topics(kafka_bootstrap, [ingest, out, f"{ingest}.dlq"], partitions=2)
+    deduped = unique("dash-dedup")
+    topics = [ingest, out, f"{ingest}.dlq", deduped, f"{deduped}.dropped"]
+    ensure_topics(kafka_bootstrap, topics, partitions=2)
     docs = [ln for ln in Path(datapath("lee_background.cor")).read_text().splitlines() if ln]
-    samples = [Sample(id=f"d{i}", text=" ".join(docs[i].split()[:80])) for i in range(N - 8)]
-    samples += [Sample(id=f"j{i}", text="click here buy now " * 20) for i in range(8)]
+    real = [Sample(id=f"d{i}", text=" ".join(docs[i].split()[:80])) for i in range(N - 8)]
+    junk = [Sample(id=f"j{i}", text="click here buy now " * 20) for i in range(8)]
+    # A near duplicate: one word appended (one 5-gram of ~77 differs, Jaccard ~0.99).
+    near = [Sample(id=f"n{i}", text=f"{real[i].text} indeed") for i in (0, N // 2)]
     # Two waves: Prometheus must scrape between them, or a fast worker could finish before
     # the first scrape and every rate (and so every histogram quantile) would be empty.
-    first, second = samples[: N // 2], samples[N // 2 :]
+    # Each wave has exact (junk) and near duplicates, so dedup's per-level series exist
+    # before the second wave and their rates move with it.
+    first = real[: N // 2] + junk[:4] + near[:1]
+    second = real[N // 2 :] + junk[4:] + near[1:]
     producer = KafkaProducer(bootstrap_servers=[kafka_bootstrap], acks="all")
     publish(producer, ingest, first, batch_size=8)
 
@@ -78,16 +106,23 @@ def test_every_dashboard_query_returns_data(kafka_bootstrap: str, tmp_path: Path
         "SLUICE_SCORING_MODEL__MAX_TOKENS": "96",
     }
     log = tmp_path / "service.log"
-    with open(log, "wb") as log_f:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "services.scoring", "all"],
-            cwd=ROOT,
-            env=env,
-            stdout=log_f,
-            stderr=subprocess.STDOUT,
-        )
-    prom = start_prometheus([f"127.0.0.1:{metrics_port}"])
+    service = _stage("services.scoring", "all", env, log)
+    dedup_metrics_port = free_port()
+    dedup_env = {
+        "SLUICE_DEDUP_STATE__BACKEND": "redis",
+        "SLUICE_DEDUP_STATE__REDIS_URL": f"redis://{redis_server.address}/0",
+        "SLUICE_DEDUP_STATE__KEY_PREFIX": f"{deduped}:",
+        "SLUICE_DEDUP_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "SLUICE_DEDUP_KAFKA__INPUT_TOPIC": ingest,
+        "SLUICE_DEDUP_KAFKA__OUTPUT_TOPIC": deduped,
+        "SLUICE_DEDUP_KAFKA__GROUP_ID": unique("dash-dedup-grp"),
+        "SLUICE_DEDUP_METRICS__PORT": str(dedup_metrics_port),
+    }
+    dedup_log = tmp_path / "dedup.log"
+    dedup = _stage("services.dedup", "worker", dedup_env, dedup_log)
+    prom = start_prometheus([f"127.0.0.1:{metrics_port}", f"127.0.0.1:{dedup_metrics_port}"])
     try:
+        wait_port(dedup_metrics_port, timeout=60, proc=dedup)
         wait_port(metrics_port, timeout=60, proc=service)
         wait_port(grpc_port, timeout=120, proc=service)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -97,6 +132,8 @@ def test_every_dashboard_query_returns_data(kafka_bootstrap: str, tmp_path: Path
             stub.Score(request, timeout=60)
         kept = read_topic(kafka_bootstrap, out, expect=1, timeout_s=180)
         assert kept, log.read_text()[-3000:]
+        unique_first = read_topic(kafka_bootstrap, deduped, expect=1, timeout_s=60)
+        assert unique_first, dedup_log.read_text()[-3000:]
         time.sleep(3)  # > 2 scrape intervals: the first wave's series are in Prometheus
         publish(producer, ingest, second, batch_size=8)
         producer.send(ingest, value=b"\x00not a batch").get(timeout=30)
@@ -111,15 +148,20 @@ def test_every_dashboard_query_returns_data(kafka_bootstrap: str, tmp_path: Path
             missing = [
                 f"{title}: {expr}"
                 for title, expr in _queries()
-                if not _has_finite_value(
-                    _query(prom.address, expr.replace("$__rate_interval", "2m"))
-                )
+                if not _has_data(expr, _query(prom.address, expr.replace("$__rate_interval", "2m")))
             ]
             if not missing:
                 break
             time.sleep(2)
         assert not missing, "dashboard queries without data:\n" + "\n".join(missing)
+        # Dedup's panels break duplicates down by the level that found them: both planted.
+        for title, expr in _queries():
+            if "sluice_dedup_duplicates_total" in expr:
+                result = _query(prom.address, expr.replace("$__rate_interval", "2m"))
+                assert {r["metric"].get("level") for r in result} == {"exact", "near"}, title
     finally:
         prom.stop()
-        service.terminate()
-        service.wait(30)
+        for proc in (service, dedup):
+            proc.terminate()
+        for proc in (service, dedup):
+            proc.wait(30)
