@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,18 @@ def test_every_value_is_documented() -> None:
 
 
 # -- Chart.yaml ----------------------------------------------------------------------------
+
+
+def test_dashboard_json_is_built_from_its_script() -> None:
+    """The shipped dashboard is what scripts/build_dashboard.py writes: a panel added there
+    (and tested against Prometheus) without regenerating the JSON would never reach Grafana."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_dashboard.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
 
 
 def test_chart_yaml() -> None:
