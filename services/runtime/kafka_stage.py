@@ -198,8 +198,13 @@ class CommitState(Protocol):
     def forget(self, partitions: list[TopicPartition]) -> None: ...
 
 
-class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Rebalance callbacks -> the stage state, then seek to where it resumes."""
+def _names(partitions: Any) -> str:
+    return ", ".join(f"{tp.topic}-{tp.partition}" for tp in sorted(partitions))
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Rebalance callbacks: logged (which worker owns what is the first question when a
+    stage stalls), then the stage state, then seek to where it resumes."""
 
     def __init__(self, worker: StageWorker) -> None:
         self.worker = worker
@@ -207,11 +212,13 @@ class _StateListener(ConsumerRebalanceListener):  # type: ignore[misc]
     def on_partitions_revoked(self, revoked: Any) -> None:
         if not revoked:
             return
+        log.info("stage %s revoked: %s", self.worker.stage, _names(revoked))
         if self.worker.state is not None:
             self.worker.state.on_revoked(sorted(revoked))
         self.worker._forget_committed(sorted(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("stage %s assigned: %s", self.worker.stage, _names(assigned) or "nothing")
         if assigned:
             self.worker._resume(sorted(assigned))
 
@@ -333,7 +340,7 @@ class StageWorker:
         self._consumer = consumer
         consumer.subscribe(
             [s.input_topic],
-            listener=_StateListener(self) if self.state or self.commit_state else None,
+            listener=_RebalanceListener(self),
         )
         return consumer, producer
 

@@ -137,8 +137,13 @@ def test_kill9_then_restart_loses_nothing(
 
     # SIGTERM committed everything: a third worker in the group finds nothing to do
     before = len(batches)
-    third = _worker(kafka_bootstrap, ingest, out, dropped, group, tmp_path / "w3.log", guarantee)
-    time.sleep(12)  # long enough to join the group and poll
+    log3 = tmp_path / "w3.log"
+    third = _worker(kafka_bootstrap, ingest, out, dropped, group, log3, guarantee)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and f"assigned: {ingest}-" not in log3.read_text():
+        time.sleep(0.2)
+    assert f"assigned: {ingest}-" in log3.read_text(), log3.read_text()[-3000:]
+    time.sleep(2)  # a few polls after owning every partition: nothing arrives
     third.send_signal(signal.SIGTERM)
     assert third.wait(30) == 0
     after = len(read_topic(kafka_bootstrap, out, expect=1, timeout_s=3)) + len(

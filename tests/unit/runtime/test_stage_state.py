@@ -14,7 +14,7 @@ from kafka.structs import TopicPartition
 
 from services.runtime.codec import BatchCodec
 from services.runtime.domain import Outcome, Sample
-from services.runtime.kafka_stage import StageWorker, _StateListener, _Transaction
+from services.runtime.kafka_stage import StageWorker, _RebalanceListener, _Transaction
 from services.runtime.metrics import StageMetrics
 from services.runtime.settings import KafkaSettings
 
@@ -190,7 +190,7 @@ def test_rebalance_callbacks_reach_the_state_and_seek(journal: Journal) -> None:
     state = State(journal, {T0: 12})
     worker = _worker("exactly_once", state)
     worker._consumer = Consumer(journal)  # type: ignore[assignment]
-    listener = _StateListener(worker)
+    listener = _RebalanceListener(worker)
     listener.on_partitions_assigned({T1, T0})
     listener.on_partitions_revoked({T1})
     assert journal == [
