@@ -192,6 +192,54 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str, int]] = [
         "timeseries",
         12,
     ),
+    # The sink: what a trainer can read (committed by a manifest) and how fresh it is.
+    (
+        "Sink: rows, shards and manifests committed (per second)",
+        "ops",
+        [
+            (name, f"sum(rate(sluice_sink_{metric}_total[{WINDOW}]))")
+            for name, metric in (
+                ("rows", "rows_written"),
+                ("shards", "files_committed"),
+                ("manifests", "manifests_committed"),
+            )
+        ],
+        "timeseries",
+        12,
+    ),
+    (
+        "Sink: bytes committed (per second, compressed as stored)",
+        "Bps",
+        [("bytes", f"sum(rate(sluice_sink_written_bytes_total[{WINDOW}]))")],
+        "timeseries",
+        12,
+    ),
+    (
+        "Sink: commit latency p50 / p95",
+        "s",
+        [
+            (
+                f"p{q}",
+                f"histogram_quantile(0.{q}, sum by (le) "
+                f"(rate(sluice_sink_commit_seconds_bucket[{WINDOW}])))",
+            )
+            for q in (50, 95)
+        ],
+        "timeseries",
+        12,
+    ),
+    (
+        "Sink: seconds since each writer's last commit (dataset freshness)",
+        "s",
+        [
+            (
+                "{{writer}}",
+                "time() - max by (writer) (sluice_sink_last_commit_timestamp_seconds)",
+            )
+        ],
+        "timeseries",
+        12,
+    ),
 ]
 
 

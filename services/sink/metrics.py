@@ -1,9 +1,10 @@
 """The sink's own Prometheus metrics, on the process's StageMetrics registry: rows and
-bytes written, files and manifests committed, and how long a commit takes."""
+bytes written, files and manifests committed, how long a commit takes and when the last one
+was (how fresh the dataset a trainer reads is)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.runtime.metrics import LATENCY_BUCKETS
 
@@ -33,5 +34,13 @@ class SinkMetrics:
             "sluice_sink_commit_seconds",
             "Time to write, publish and commit one set of shards and its manifest.",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        # Labelled by writer (one per replica: bounded) so a replica that stopped committing
+        # shows even while the others go on; no series until the first commit.
+        self.last_commit = Gauge(
+            "sluice_sink_last_commit_timestamp_seconds",
+            "Unix time of this writer's last committed manifest.",
+            ["writer"],
             registry=registry,
         )

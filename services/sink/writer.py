@@ -204,6 +204,7 @@ class ShardWriter:
             self.metrics.files.inc(len(files))
             self.metrics.manifests.inc()
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self.metrics.last_commit.labels(self.writer).set_to_current_time()
         log.info(
             "committed manifest %d of %s: %d rows in %d files", seq, self.writer, rows, len(files)
         )

@@ -3,8 +3,9 @@
 A real scoring service process (gRPC + Kafka worker + /metrics) curates a small corpus
 from the real broker (with one garbage message for the dead-letter panel and one gRPC
 call for the request panel); a real dedup worker (state in real Redis) reads the same
-corpus, which carries exact and near duplicates; a real Prometheus server scrapes both;
-each dashboard expression is then evaluated by that Prometheus.
+corpus, which carries exact and near duplicates; a real sink worker commits scoring's
+output as Parquet shards to a folder; a real Prometheus server scrapes all three; each
+dashboard expression is then evaluated by that Prometheus.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ N = 48
 # Stage-specific metrics without labels (or gauges) exist from process start: for their
 # panels a finite value proves only that the process was scraped, so they must be positive,
 # i.e. show the work this test made the stage do.
-MUST_MOVE = ("sluice_dedup_",)
+MUST_MOVE = ("sluice_dedup_", "sluice_sink_")
 
 
 def _stage(module: str, mode: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -120,9 +121,22 @@ def test_every_dashboard_query_returns_data(
     }
     dedup_log = tmp_path / "dedup.log"
     dedup = _stage("services.dedup", "worker", dedup_env, dedup_log)
-    prom = start_prometheus([f"127.0.0.1:{metrics_port}", f"127.0.0.1:{dedup_metrics_port}"])
+    sink_metrics_port = free_port()
+    sink_env = {
+        "SLUICE_SINK_DIRECTORY": str(tmp_path / "corpus"),
+        "SLUICE_SINK_ROLL__MAX_SECONDS": "1",
+        "SLUICE_SINK_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "SLUICE_SINK_KAFKA__INPUT_TOPIC": out,
+        "SLUICE_SINK_KAFKA__GROUP_ID": unique("dash-sink-grp"),
+        "SLUICE_SINK_METRICS__PORT": str(sink_metrics_port),
+    }
+    sink_log = tmp_path / "sink.log"
+    sink = _stage("services.sink", "worker", sink_env, sink_log)
+    ports = (metrics_port, dedup_metrics_port, sink_metrics_port)
+    prom = start_prometheus([f"127.0.0.1:{p}" for p in ports])
     try:
         wait_port(dedup_metrics_port, timeout=60, proc=dedup)
+        wait_port(sink_metrics_port, timeout=60, proc=sink)
         wait_port(metrics_port, timeout=60, proc=service)
         wait_port(grpc_port, timeout=120, proc=service)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -153,7 +167,8 @@ def test_every_dashboard_query_returns_data(
             if not missing:
                 break
             time.sleep(2)
-        assert not missing, "dashboard queries without data:\n" + "\n".join(missing)
+        logs = "".join(f"\n--- {f.name}\n{f.read_text()[-2000:]}" for f in (dedup_log, sink_log))
+        assert not missing, "dashboard queries without data:\n" + "\n".join(missing) + logs
         # Dedup's panels break duplicates down by the level that found them: both planted.
         for title, expr in _queries():
             if "sluice_dedup_duplicates_total" in expr:
@@ -161,7 +176,7 @@ def test_every_dashboard_query_returns_data(
                 assert {r["metric"].get("level") for r in result} == {"exact", "near"}, title
     finally:
         prom.stop()
-        for proc in (service, dedup):
+        for proc in (service, dedup, sink):
             proc.terminate()
-        for proc in (service, dedup):
+        for proc in (service, dedup, sink):
             proc.wait(30)

@@ -6,6 +6,7 @@ trainers use (pyarrow.dataset, HF datasets) with importance weights."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -202,9 +203,14 @@ def test_commit_metrics(tmp_path: Path) -> None:
     w = ShardWriter(LocalTarget(s.directory), s, SinkMetrics(registry))
     w.recover()
     w.add((T, 0), 0, [sample(0, "web"), sample(1, "books")])
+    value = registry.get_sample_value
+    last_commit = "sluice_sink_last_commit_timestamp_seconds"
+    assert value(last_commit, {"writer": w.writer}) is None  # no commit yet: no series
+    before = time.time()
     m = w.commit()
     assert m is not None
-    value = registry.get_sample_value
+    committed_at = value(last_commit, {"writer": w.writer})
+    assert committed_at is not None and before <= committed_at <= time.time()
     assert value("sluice_sink_rows_written_total") == 2
     assert value("sluice_sink_files_committed_total") == 2
     assert value("sluice_sink_manifests_committed_total") == 1
