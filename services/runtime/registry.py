@@ -158,6 +158,7 @@ STAGES: tuple[StageSpec, ...] = (
         register="services.scoring.grpc_service:register",
         topics=Topics("sluice.ingest", "sluice.scored", "sluice-scoring"),
         worker="services.scoring.worker:make_worker",
+        object_store="classifier.store",  # an s3:// classifier artifact is read through it
     ),
     StageSpec(
         name="density",

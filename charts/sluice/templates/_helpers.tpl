@@ -171,12 +171,14 @@ The build settings of a two-pass density stage: its config with mode two_pass_bu
 {{- end }}
 
 {{/*
-Where a stage's settings keep their S3 block ("a.b", dotted), or "" for stages without one.
-The block has endpoint, bucket, secure, region, access_key and secret_key fields
-(services/density/settings.py StoreSettings, services/distill/settings.py S3Settings).
+Where a stage's settings keep their S3 block ("a.b", dotted), or "" for stages without one:
+the registry's object_store (services/runtime/registry.py; tests/unit/runtime/test_registry.py
+keeps the two equal). The block is an ObjectStoreSettings (services/runtime/objectstore.py:
+endpoint, bucket, secure, region, access_key, secret_key). Scoring's is where an s3://
+classifier artifact is read from (its bucket comes from the artifact's URI).
 */}}
 {{- define "sluice.s3ConfigPath" -}}
-{{- get (dict "density" "store" "distill" "topk_store.s3" "sink" "store") . }}
+{{- get (dict "scoring" "classifier.store" "density" "store" "distill" "topk_store.s3" "sink" "store") . }}
 {{- end }}
 
 {{/* "SLUICE_<STAGE>_": the env prefix of a stage's settings class. */}}
