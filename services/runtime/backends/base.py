@@ -46,7 +46,24 @@ class ModelSettings(StrictModel):
         512, ge=8, description="Token budget per sample: longer texts are truncated (head kept)."
     )
     batch_tokens: int = Field(
-        8192, ge=64, description="Padded tokens per forward pass (length-bucketed batches)."
+        0,
+        ge=0,
+        description="Tokens per scoring forward pass (padding included). 0 = auto: 8192 on "
+        "CPU; on CUDA, sized from the device's free memory at load (torch backend).",
+    )
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch backend scoring: 'on' packs prompts back to back into rows of "
+        "pack_tokens (each attends only to itself: restarted position ids), so no FLOPs go "
+        "to padding; 'off' = length buckets with padding; 'auto' = packing where it pays "
+        "(CUDA), checked once against the unpacked forward for the loaded model (a model "
+        "whose attention ignores packed position ids falls back to buckets, logged).",
+    )
+    pack_tokens: int = Field(
+        1024,
+        ge=64,
+        description="Width of a packed row (grown to the longest prompt). Attention inside a "
+        "row is masked, not skipped, by SDPA: its cost grows with this width.",
     )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default.")
     cache_dir: str = Field(

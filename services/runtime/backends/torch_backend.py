@@ -29,9 +29,11 @@ are dropped at load: ``GenerationParams`` alone decides, as on vLLM.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -127,6 +129,73 @@ def length_buckets(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
     return batches
 
 
+def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Indices packed into rows of at most ``row_tokens`` tokens, best-fit decreasing.
+
+    Longest first, each into the row with the least room that still fits it (a sorted list
+    of free room, so O(n log n)); an item longer than a row gets a row of its own. Rows come
+    out fullest first, so consecutive rows have similar widths when batched.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    used: list[int] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row), ascending
+    for i in order:
+        need = max(lengths[i], 1)
+        at = bisect.bisect_left(room, (need, -1))
+        if at < len(room):
+            free, r = room.pop(at)
+            rows[r].append(i)
+            used[r] += need
+            bisect.insort(room, (free - need, r))
+        else:
+            rows.append([i])
+            used.append(need)
+            if row_tokens > need:
+                bisect.insort(room, (row_tokens - need, len(rows) - 1))
+    return [rows[r] for r in sorted(range(len(rows)), key=lambda r: -used[r])]
+
+
+@dataclass(frozen=True, slots=True)
+class PackedBatch:
+    """Rows of prompts packed back to back: ``ids``/``positions`` are ``rows x width``;
+    position ids restart at 0 for every prompt (and for the filler that ends a row), which
+    is how transformers recognises packed sequences and masks attention between them."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    row: torch.Tensor
+    """Per prompt: its row."""
+    start: torch.Tensor
+    """Per prompt: its first column."""
+    length: torch.Tensor
+    """Per prompt: its token count."""
+
+    @property
+    def last(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of every prompt's last token."""
+        return self.row, self.start + self.length - 1
+
+
+def build_packed(seqs: list[list[int]], rows: list[list[int]], pad: int) -> PackedBatch:
+    """The tensors (on the CPU) of ``rows``, each a list of indices into ``seqs``."""
+    fills = [sum(len(seqs[i]) for i in r) for r in rows]
+    width = max(fills)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    where = torch.zeros((len(seqs), 3), dtype=torch.long)
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            n = len(seqs[i])
+            ids[r, col : col + n] = torch.tensor(seqs[i], dtype=torch.long)
+            positions[r, col : col + n] = torch.arange(n)
+            where[i] = torch.tensor([r, col, n])
+            col += n
+        positions[r, col:] = torch.arange(width - col)  # filler: a sequence of its own
+    return PackedBatch(ids, positions, where[:, 0], where[:, 1], where[:, 2])
+
+
 class TorchBackend(TokenizerText):
     """A causal LM from transformers, scored with one batched prefill per primitive."""
 
@@ -173,6 +242,11 @@ class TorchBackend(TokenizerText):
         self._model.generation_config = GenerationConfig(
             bos_token_id=self._bos, eos_token_id=self._eos, pad_token_id=self._pad
         )
+        if settings.batch_tokens == 0:
+            self._settings = settings.model_copy(
+                update={"batch_tokens": self._auto_batch_tokens(config)}
+            )
+        self._packing_ok: bool | None = None  # checked on first use (see _packs)
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -202,6 +276,11 @@ class TorchBackend(TokenizerText):
 
     # -- scoring ----------------------------------------------------------------------------
 
+    @property
+    def batch_tokens(self) -> int:
+        """Tokens per scoring forward pass (resolved from free device memory when auto)."""
+        return self._settings.batch_tokens
+
     def next_token_logprobs(self, prompts: list[str], candidates: list[int]) -> np.ndarray:
         out = np.zeros((len(prompts), len(candidates)), dtype=np.float64)
         if not prompts or not candidates:
@@ -211,24 +290,42 @@ class TorchBackend(TokenizerText):
             raise InvalidArgument(f"candidate token ids {bad} outside vocabulary {self._vocab}")
         encoded = self.encode_prompts_within(prompts, self.max_prompt_tokens)
         cand = torch.tensor(candidates, dtype=torch.long, device=self._device)
+        # Results stay on the device until every batch ran: one transfer, no sync per batch.
+        parts: list[tuple[list[int], torch.Tensor]] = []
         with torch.inference_mode():
-            for batch in length_buckets([len(ids) for ids in encoded], self._settings.batch_tokens):
-                ids, mask = self._pad_batch([encoded[i] for i in batch], left=True)
-                hidden = self._hidden(ids, mask)[:, -1, :]
-                logprobs = torch.log_softmax(self._logits(hidden).float(), dim=-1)
-                out[batch] = logprobs[:, cand].double().cpu().numpy()
+            if self._packs():
+                for members, packed in self._packed_batches(encoded):
+                    row, col = packed.last
+                    hidden = self._packed_hidden(packed)[row.to(self._device), col.to(self._device)]
+                    logprobs = torch.log_softmax(self._logits(hidden).float(), dim=-1)
+                    parts.append((members, logprobs[:, cand]))
+            else:
+                for batch in length_buckets([len(ids) for ids in encoded], self.batch_tokens):
+                    ids, mask = self._pad_batch([encoded[i] for i in batch], left=True)
+                    hidden = self._hidden(ids, mask)[:, -1, :]
+                    logprobs = torch.log_softmax(self._logits(hidden).float(), dim=-1)
+                    parts.append((batch, logprobs[:, cand]))
+        for members, values in parts:
+            out[members] = values.double().cpu().numpy()
         return out
 
     def sequence_nll(self, texts: list[str]) -> list[NLL]:
         budget = self._settings.max_tokens
         encoded = self.encode_for_nll(texts, budget)
         results: list[NLL] = [NLL(0.0, 0)] * len(texts)
+        scored = [i for i, seq in enumerate(encoded) if len(seq) >= 2]  # else nothing to predict
         with torch.inference_mode():
-            for batch in length_buckets([len(s) for s in encoded], self._settings.batch_tokens):
-                seqs = [encoded[i] for i in batch]
-                if max(len(s) for s in seqs) < 2:
-                    continue  # nothing to predict
-                ids, mask = self._pad_batch(seqs, left=False)
+            if self._packs():
+                for members, packed in self._packed_batches([encoded[i] for i in scored]):
+                    counts = (packed.length - 1).tolist()
+                    nll = self._packed_nll(packed)
+                    for k, part, n in zip(members, torch.split(nll, counts), counts, strict=True):
+                        results[scored[k]] = NLL(float(part.sum().item()), int(n))
+                return results
+            lengths = [len(encoded[i]) for i in scored]
+            for local in length_buckets(lengths, self.batch_tokens):
+                batch = [scored[k] for k in local]
+                ids, mask = self._pad_batch([encoded[i] for i in batch], left=False)
                 hidden = self._hidden(ids, mask)
                 # Position t predicts token t+1; keep only real (unpadded) targets.
                 valid = mask[:, 1:].bool()
@@ -236,10 +333,109 @@ class TorchBackend(TokenizerText):
                 targets = ids[:, 1:][valid]
                 nll = self._chunked_nll(rows, targets)
                 counts = valid.sum(dim=1).tolist()
-                totals = torch.split(nll, counts)
-                for i, part, n in zip(batch, totals, counts, strict=True):
+                for i, part, n in zip(batch, torch.split(nll, counts), counts, strict=True):
                     results[i] = NLL(float(part.sum().item()), int(n))
         return results
+
+    # -- packing ----------------------------------------------------------------------------
+
+    def _packs(self) -> bool:
+        """Whether scoring packs prompts into rows (``settings.packing``), checked once.
+
+        The check runs two short sequences alone and packed into one row: a model whose
+        attention does not honour restarted position ids (so the second sequence would
+        attend to the first) disagrees, and then 'auto' falls back to length buckets
+        (logged) while 'on' refuses to run."""
+        mode = self._settings.packing
+        if mode == "off" or (mode == "auto" and self._device.type != "cuda"):
+            return False
+        if self._packing_ok is None:
+            self._packing_ok, detail = self._check_packing()
+            if not self._packing_ok:
+                if mode == "on":
+                    raise ConfigError(f"packing is on but {self._resolved.name} {detail}")
+                log.warning("%s %s: scoring in padded buckets", self._resolved.name, detail)
+        return self._packing_ok
+
+    def _check_packing(self) -> tuple[bool, str]:
+        ids = self._tokenizer.encode(
+            "Sequence packing check: the second text must not see the first one at all.",
+            add_special_tokens=False,
+        )
+        first, second = ids[:12], ids[12:] or ids[:6]
+        with torch.inference_mode():
+            alone = self._hidden(*self._pad_batch([second], left=False))[0, len(second) - 1]
+            packed = build_packed([first, second], [[0, 1]], self._pad)
+            row, col = packed.last
+            together = self._packed_hidden(packed)[row[1], col[1]]
+        scale = float(alone.float().abs().max().clamp(min=1e-6))
+        diff = float((together.float() - alone.float()).abs().max()) / scale
+        tolerance = 1e-3 if self._dtype == torch.float32 else 5e-2
+        ok = diff <= tolerance
+        log.info("packing check for %s: relative difference %.2e", self._resolved.name, diff)
+        return ok, (
+            f"attends across packed sequences (relative difference {diff:.2e} > {tolerance})"
+        )
+
+    def _packed_batches(self, encoded: list[list[int]]) -> Iterator[tuple[list[int], PackedBatch]]:
+        """(indices into ``encoded``, their packed tensors) per forward pass."""
+        if not encoded:
+            return
+        width = max(self._settings.pack_tokens, max(len(seq) for seq in encoded))
+        rows = pack_rows([len(seq) for seq in encoded], width)
+        per_pass = max(1, self.batch_tokens // width)
+        for first in range(0, len(rows), per_pass):
+            group = rows[first : first + per_pass]
+            members = [i for row in group for i in row]
+            local = {i: k for k, i in enumerate(members)}
+            seqs = [encoded[i] for i in members]
+            yield members, build_packed(seqs, [[local[i] for i in r] for r in group], self._pad)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._device.type == "cuda":
+            return tensor.pin_memory().to(self._device, non_blocking=True)
+        return tensor
+
+    def _packed_hidden(self, packed: PackedBatch) -> torch.Tensor:
+        """Final hidden states of packed rows: no attention mask, position ids restarting
+        per sequence, from which transformers builds the block-diagonal causal mask (or
+        the varlen boundaries of flash attention)."""
+        out = self._decoder(
+            input_ids=self._to_device(packed.ids),
+            position_ids=self._to_device(packed.positions),
+            use_cache=False,
+        )
+        return cast(torch.Tensor, out.last_hidden_state)
+
+    def _packed_nll(self, packed: PackedBatch) -> torch.Tensor:
+        """Per-token NLL of every packed sequence, concatenated in sequence order."""
+        counts = (packed.length - 1).clamp(min=0)
+        total = int(counts.sum())
+        first = torch.cumsum(counts, 0) - counts
+        offsets = torch.arange(total) - torch.repeat_interleave(first, counts)
+        rows = torch.repeat_interleave(packed.row, counts)
+        cols = torch.repeat_interleave(packed.start, counts) + offsets
+        targets = packed.ids[rows, cols + 1]
+        hidden = self._packed_hidden(packed)
+        picked = hidden[rows.to(self._device), cols.to(self._device)]
+        return self._chunked_nll(picked, targets.to(self._device))
+
+    def _auto_batch_tokens(self, config: Any) -> int:
+        """Tokens per scoring pass: 8192 on CPU; on CUDA, half the free memory after the
+        weights over a per-token activation estimate (hidden states, the MLP's
+        intermediate, a packed row's attention mask), within [8192, 65536]."""
+        if self._device.type != "cuda":
+            return 8192
+        free, _ = torch.cuda.mem_get_info(self._device)
+        width = self._settings.pack_tokens
+        hidden = int(getattr(config, "hidden_size", 4096))
+        inter = int(getattr(config, "intermediate_size", 4 * hidden))
+        item = torch.tensor([], dtype=self._dtype).element_size()
+        per_token = item * (8 * hidden + 4 * inter) + 2 * width
+        tokens = int(0.5 * free / per_token)
+        chosen = max(8192, min(65536, tokens // width * width))
+        log.info("batch_tokens auto: %d (%.1f GiB free)", chosen, free / 2**30)
+        return chosen
 
     # -- generation -------------------------------------------------------------------------
 
