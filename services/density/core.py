@@ -16,12 +16,14 @@ stage worker and the local runner all call it. What each mode does with a batch:
   stream so far, re-scored whenever the sketch has grown by 5%. Approximate: early samples
   are judged against a partial picture of the corpus, and a batch does not see itself.
 
-**Density.** density(x) = max(KDE(x), 1) / n, where KDE(x) is the sketch's bias-corrected
-estimate of sum_y k(x, y) over its n points (``RaceSketch.estimate_kde``): the fraction of
-the corpus "near" x, in [0, 1]. A point counts itself (k(x, x) = 1), hence the floor of 1,
-which also keeps keep probabilities finite for points far from everything. Online mode
-scores a point before it is added, so it uses (KDE(x) + 1) / (n + 1): the density the
-point will have once added.
+**Density.** density(x) = G(x) / n, where G(x) is the geometric mean over the sketch's R
+rows of x's bucket counts, each floored at 1 (``RaceSketch.estimate_density``): like the
+KDE sum_y k(x, y) that the rows' mean estimates (``RaceSketch.estimate_kde``), the share of
+the corpus "near" x, but with the heavy-tailed row errors damped, so it ranks points like
+the exact KDE far better at the same cost (the method's doc). A point counts itself (every
+row's count includes it), hence the floor of 1, which also keeps keep probabilities finite
+for points far from everything. Online mode scores a point before it is added, so it uses
+the counts + 1 and n + 1: the density the point will have once added.
 
 **Decisions** are deterministic per (seed, sample id) (``sampler.decide``): the same
 sample gets the same decision whatever batch, partition or replay it arrives in. A kept
@@ -115,17 +117,17 @@ def checked_name(name: str) -> str:
 
 
 def densities(sketch: RaceSketch, x: np.ndarray) -> np.ndarray:
-    """max(KDE(x), 1) / n for points in (or judged as if in) the sketch."""
+    """G(x) / n for points in (or judged as if in) the sketch (the module doc)."""
     if sketch.n == 0 or len(x) == 0:
         return np.ones(len(x), dtype=np.float64)
-    return np.maximum(sketch.estimate_kde(x), 1.0) / sketch.n
+    return sketch.estimate_density(x) / sketch.n
 
 
 def densities_before_add(sketch: RaceSketch, x: np.ndarray) -> np.ndarray:
-    """(KDE(x) + 1) / (n + 1): the density of points not yet added (online mode)."""
+    """G+1(x) / (n + 1): the density of points not yet added (online mode)."""
     if sketch.n == 0 or len(x) == 0:
         return np.ones(len(x), dtype=np.float64)
-    return np.maximum(sketch.estimate_kde(x) + 1.0, 1.0) / (sketch.n + 1)
+    return sketch.estimate_density(x, plus_one=True) / (sketch.n + 1)
 
 
 class DensityCore:

@@ -154,6 +154,21 @@ def test_counts_score_and_bucket_ids_agree() -> None:
     assert np.array_equal(sketch.score(x[:50], exclude_self=True), expected - 1.0)
 
 
+def test_the_density_estimate_is_the_geometric_mean_of_row_counts() -> None:
+    x = clustered(500, 8, 4, seed=2)
+    sketch = sketch_of(SMALL, x)
+    q = np.concatenate([x[:40], -x[:10]])  # -x: points far from the sketch, counts can be 0
+    counts = sketch.counts[np.arange(16), sketch.bucket_ids(q)].astype(np.float64)
+    expected = np.exp(np.log(np.maximum(counts, 1.0)).mean(axis=1))
+    np.testing.assert_allclose(sketch.estimate_density(q), expected, rtol=1e-12)
+    as_if_added = np.exp(np.log(counts + 1.0).mean(axis=1))
+    np.testing.assert_allclose(sketch.estimate_density(q, plus_one=True), as_if_added, rtol=1e-12)
+    # the same on the device path, and never above the rows' mean (AM-GM)
+    on_device = RaceSketch(SMALL, sketch.counts, tensor_counts=True)
+    np.testing.assert_allclose(on_device.estimate_density(q), expected, rtol=1e-12)
+    assert np.all(sketch.estimate_density(x[:40]) <= sketch.score(x[:40]) + 1e-9)
+
+
 def test_a_lone_point_scores_itself_once() -> None:
     params = SketchParams(dim=8, rows=64, buckets=1 << 16, width=0.25)
     x = clustered(2, 8, 2, seed=3)
