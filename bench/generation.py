@@ -2,24 +2,34 @@
 
 ``python -m bench.generation [--quick]`` asks the same model, in the same dtype, to answer
 the same instruction prompts (built from gensim's real ``lee_background.cor`` news
-documents, rendered with the chat template) with the same greedy settings, three ways:
+documents, rendered with the chat template) with the same greedy settings, several ways:
 
 - naive: transformers' ``generate`` on one unpadded prompt at a time;
-- batched: ``TorchBackend.generate`` (length buckets, left padding, one KV-cached
-  ``generate`` per bucket);
-- batched + top-8: the same while recording the top-8 logprobs of every position (what
-  the distillation service runs).
+- transformers generate: ``TorchBackend.generate`` with ``decode_loop='transformers'`` (the
+  old path: length buckets, left padding, one ``generate`` per bucket, which computes
+  every prompt until the last of its bucket ends);
+- early exit: ``TorchBackend.generate`` as it runs by default (its own decode loop, which
+  drops a prompt from the batch and the KV cache at the step it ends);
+- early exit + top-8: the same while recording the top-8 logprobs of every position (what
+  the distillation service runs);
+- with ``--compile``: early exit over a static KV cache with a ``torch.compile``d step.
+
+All prompts form one batch (``--batch-tokens`` to split them into length buckets), so
+``--prompts 32`` and ``--prompts 128`` measure batch 32 and batch 128. ``--sizes 135m,1.7b``
+runs random-init checkpoints of those shapes (``bench.shapes``) instead of ``--model``.
 
 It reports generated tokens/s (EOS excluded), how many prompts got token-for-token the
 same answer as the naive loop (padding changes bf16 rounding, so a greedy path can
-diverge at a near tie), and the best of ``--reps`` interleaved passes. The last line is
-``RESULT generation speedup_vs_naive=.. tokens_per_s=..`` (the batched row).
+diverge at a near tie), and the best of ``--reps`` interleaved passes. The last line per
+model is ``RESULT generation speedup_vs_naive=.. speedup_vs_transformers=..
+tokens_per_s=..`` (the early-exit row).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.scoring import load_texts
+from bench.scoring import load_texts, matmul_peak_flops
+from bench.shapes import parse_sizes, random_init_checkpoint
 from services.runtime.backends.base import GenerationParams, ModelSettings
 from services.runtime.backends.torch_backend import TorchBackend
 
@@ -105,67 +116,114 @@ def best_of(
     return [best[m] for m in methods]
 
 
+def device_name(device: torch.device) -> str:
+    """The accelerator's or the CPU's model name, for the table's header."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small subset (~1 min on 2 cores)")
     parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
+    parser.add_argument("--sizes", default="", help="random-init shapes, e.g. 135m,1.7b")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompts", type=int, default=0, help="prompts (default 8 / 32)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="default 32 / 64")
     parser.add_argument("--doc-tokens", type=int, default=96, help="document tokens per prompt")
+    parser.add_argument("--batch-tokens", type=int, default=0, help="0 = all prompts, one batch")
     parser.add_argument("--reps", type=int, default=2, help="passes per method, best kept")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--compile", action="store_true", help="also the compiled static path")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow)")
     args = parser.parse_args(argv)
+    if args.sizes:
+        dtype = "float32" if args.dtype == "float32" else "bfloat16"
+        if args.device == "cpu" and args.dtype == "auto":
+            dtype = "float32"
+        for size in parse_sizes(args.sizes):
+            path = random_init_checkpoint(size, dtype=dtype, device=args.device)
+            print(f"\n== {size} (random init) ==")
+            run_model(str(path), args)
+    else:
+        run_model(args.model, args)
+
+
+def run_model(model: str, args: argparse.Namespace) -> None:
+    """The table for one model."""
     n = args.prompts or (8 if args.quick else 32)
     max_new = args.max_new_tokens or (32 if args.quick else 64)
-
-    settings = ModelSettings.model_validate(
-        {"model": args.model, "dtype": args.dtype, "device": args.device, "threads": args.threads}
-    )
+    fields = {"model": model, "dtype": args.dtype, "device": args.device, "threads": args.threads}
     start = time.perf_counter()
-    backend = TorchBackend(settings)
+    probe = TorchBackend(ModelSettings.model_validate(fields))
     load_s = time.perf_counter() - start
-    prompts = build_prompts(backend, n, args.doc_tokens)
-    prompt_tokens = sum(len(backend.encode_prompt(p)) for p in prompts)
+    prompts = build_prompts(probe, n, args.doc_tokens)
+    lengths = [len(probe.encode_prompt(p)) for p in prompts]
+    del probe
+    # One batch of all prompts unless told otherwise: the row counts are the batch sizes.
+    batch_tokens = args.batch_tokens or max(64, n * (max(lengths) + max_new))
+    fields["batch_tokens"] = batch_tokens
+    settings = ModelSettings.model_validate(fields)
+    backend = TorchBackend(settings)
+    old = TorchBackend(settings.model_copy(update={"decode_loop": "transformers"}))
     greedy = GenerationParams(max_new_tokens=max_new)
-    methods = {
-        "naive one-at-a-time": lambda p: naive_generate(backend, p, max_new),
-        "batched (backend)": batched(backend, greedy),
-        "batched + top-8 logprobs": batched(backend, greedy.model_copy(update={"top_logprobs": 8})),
-    }
+    methods: dict[str, Callable[[list[str]], list[list[int]]]] = {}
+    if not args.no_naive:
+        methods["naive one-at-a-time"] = lambda p: naive_generate(backend, p, max_new)
+    methods["transformers generate"] = batched(old, greedy)
+    methods["early exit"] = batched(backend, greedy)
+    methods["early exit + top-8"] = batched(backend, greedy.model_copy(update={"top_logprobs": 8}))
+    if args.compile:
+        compiled = TorchBackend(settings.model_copy(update={"compile_decode": True}))
+        methods["compiled static cache"] = batched(compiled, greedy)
     runs = best_of(args.reps, methods, prompts)
-    naive = runs[0]
+    reference = runs[0]
+    device = torch.device(settings.device)
+    peak = matmul_peak_flops(backend.dtype, device, n=8192 if device.type == "cuda" else 2048)
 
     print(
-        f"model {backend.model_version} (loaded in {load_s:.1f} s) on {settings.device} with "
-        f"{torch.get_num_threads()} threads; {n} prompts, {prompt_tokens / n:.0f} prompt "
-        f"tokens each on average, greedy, max_new_tokens {max_new}, batch_tokens "
-        f"{settings.batch_tokens}, best of {args.reps} interleaved passes"
+        f"model {backend.model_version} (loaded in {load_s:.1f} s) on {device_name(device)} "
+        f"({settings.device}, {torch.get_num_threads()} threads; matmul peak "
+        f"{peak / 1e12:.2f} TFLOP/s); {n} prompts, {sum(lengths) / n:.0f} prompt tokens each "
+        f"on average, greedy, max_new_tokens {max_new}, batch_tokens {batch_tokens}, best of "
+        f"{args.reps} interleaved passes"
     )
     print()
     print(
-        f"{'method':<26}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'speedup':>9}{'same':>8}"
+        f"{'method':<26}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'speedup':>9}{'same':>9}"
         f"{'prefix':>8}"
     )
     rate = {run.method: run.tokens / run.seconds for run in runs}
     for run in runs:
-        pairs = list(zip(run.outputs, naive.outputs, strict=True))
+        pairs = list(zip(run.outputs, reference.outputs, strict=True))
         same = sum(a == b for a, b in pairs)
-        prefix = sum(_common_prefix(a, b) for a, b in pairs) / max(1, naive.tokens)
+        prefix = sum(_common_prefix(a, b) for a, b in pairs) / max(1, reference.tokens)
         print(
             f"{run.method:<26}{run.tokens:>8}{run.seconds:>9.2f}{rate[run.method]:>10.1f}"
-            f"{rate[run.method] / rate[naive.method]:>8.2f}x{same:>5}/{n}{prefix:>8.0%}"
+            f"{rate[run.method] / rate[reference.method]:>8.2f}x{same:>5}/{n:<3}{prefix:>8.0%}"
         )
-    best = runs[1]
-    speedup = rate[best.method] / rate[naive.method]
     print()
     print(
-        "same: prompts answered token for token as by the naive loop; prefix: share of the "
-        "naive tokens generated identically before the first divergence; speedup: tokens/s "
-        "ratio."
+        f"same: prompts answered token for token as by the {reference.method} row; prefix: "
+        "share of its tokens generated identically before the first divergence; speedup: "
+        "tokens/s ratio to it."
     )
-    print(f"RESULT generation speedup_vs_naive={speedup:.2f} tokens_per_s={rate[best.method]:.1f}")
+    new = rate["early exit"]
+    naive = rate.get("naive one-at-a-time", float("nan"))
+    print(
+        f"RESULT generation speedup_vs_naive={new / naive:.2f} "
+        f"speedup_vs_transformers={new / rate['transformers generate']:.2f} "
+        f"tokens_per_s={new:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -81,6 +81,20 @@ class ModelSettings(StrictModel):
         "needs 1; a generating service sets it to its largest max_new_tokens. The torch "
         "backend allocates per call and ignores it.",
     )
+    decode_loop: Literal["early_exit", "transformers"] = Field(
+        "early_exit",
+        description="torch backend generation: 'early_exit' = the backend's own decode loop, "
+        "which drops a prompt from the batch and its KV cache at the step it ends; "
+        "'transformers' = transformers' generate, which keeps computing ended prompts until "
+        "the whole batch ends (kept as the benchmark's baseline). Same results either way.",
+    )
+    compile_decode: bool = Field(
+        False,
+        description="torch backend: decode over a static KV cache with the step compiled by "
+        "torch.compile (CUDA graphs on a GPU). Pays on CUDA, where a small model's step is "
+        "launch-bound; on CPU compiling costs more than it saves. Ended prompts are dropped "
+        "only when the live batch halves (each batch size is one compiled graph).",
+    )
 
 
 class GenerationParams(StrictModel):

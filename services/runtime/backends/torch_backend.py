@@ -13,15 +13,19 @@ small machine:
 - bfloat16 where the hardware has it (AMX/AVX512-BF16 CPUs, CUDA): about 3x float32 on
   CPU with the same perplexity ranking. Softmax and the NLL sums are in float32/float64.
 
-Generation runs transformers' ``generate`` (KV cache, left padding, per-architecture
-cache handling) over length buckets, always in its greedy mode; two logits processors
-and one stopping criterion make it exact for this interface:
+Generation runs its own decode loop over length buckets (``DecodeBatch``): one prefill
+of the left-padded bucket, then one token per step through the KV cache. A prompt that
+ends (EOS, a stop string) leaves the batch and every cache layer at that step, so it
+costs nothing afterwards; transformers' ``generate`` computes it until the last prompt of
+its bucket ends (``decode_loop='transformers'`` keeps that path, with the same results,
+as the benchmark's baseline). ``compile_decode`` decodes over a static cache with a
+``torch.compile``d step, for CUDA. Three helpers make it exact for this interface:
 
 - ``TopKRecorder`` runs first on the raw logits and keeps the top-k logprobs of every
   step (a few KB, instead of ``output_logits``' full ``steps x batch x vocab`` float32).
 - ``SeededSampler`` (temperature > 0) draws each row's token with that row's own
-  ``torch.Generator`` and hands greedy a one-hot row, so a seeded prompt samples the
-  same tokens whatever else shares its batch.
+  ``torch.Generator`` (an ended row draws no more), so a seeded prompt samples the same
+  tokens whatever else shares its batch.
 - ``StopOnStrings`` ends a row when a stop string appears in its generated text.
 The model's own ``generation_config`` sampling defaults (repetition penalty, top-k ...)
 are dropped at load: ``GenerationParams`` alone decides, as on vLLM.
@@ -30,6 +34,7 @@ are dropped at load: ``GenerationParams`` alone decides, as on vLLM.
 from __future__ import annotations
 
 import bisect
+import inspect
 import logging
 import secrets
 from collections.abc import Iterator, Sequence
@@ -42,9 +47,11 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    StaticCache,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -238,6 +245,10 @@ class TorchBackend(TokenizerText):
         # stopped early (when padding is a special token, never text).
         special = set(self._tokenizer.all_special_ids)
         self._ends = frozenset(self._eos) | (frozenset({self._pad}) & special)
+        # transformers renamed forward's past_key_values to cache (5.2x); either works.
+        forward_args = inspect.signature(self._model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
+        self._compiled: Any = None
         # Only the special ids survive from the checkpoint's generation defaults.
         self._model.generation_config = GenerationConfig(
             bos_token_id=self._bos, eos_token_id=self._eos, pad_token_id=self._pad
@@ -471,6 +482,50 @@ class TorchBackend(TokenizerText):
     def _generate_batch(
         self, seqs: list[list[int]], seeds: list[int], params: GenerationParams
     ) -> list[Generation]:
+        if self._settings.decode_loop == "transformers":
+            return self._generate_batch_transformers(seqs, seeds, params)
+        ids, mask = self._pad_batch(seqs, left=True)
+        recorder = TopKRecorder(params.top_logprobs) if params.top_logprobs else None
+        sampler = (
+            SeededSampler(params.temperature, params.top_p, seeds)
+            if params.temperature > 0
+            else None
+        )
+        stopper = StopOnStrings(self.decode, params.stop) if params.stop else None
+        batch = DecodeBatch(self._model, self._cache_kwarg, ids, mask, params.max_new_tokens)
+        if self._settings.compile_decode:
+            batch.use_static_cache(self._compiled_step())
+        rows: list[list[int]] = [[] for _ in seqs]
+        logits = batch.prefill()
+        for step in range(params.max_new_tokens):
+            if recorder:
+                recorder.record(logits, batch.rows)
+            picks = sampler.pick(logits, batch.rows) if sampler else logits.argmax(dim=-1)
+            ended: list[bool] = []
+            for r, token in zip(batch.rows, picks.tolist(), strict=True):
+                rows[r].append(token)
+                ended.append(token in self._ends or bool(stopper and stopper.hit(rows[r])))
+            if step + 1 == params.max_new_tokens or all(ended):
+                break
+            logits = batch.step(picks, ended)
+        return [
+            self._finish(row, len(seqs[r]), params, recorder.row(r) if recorder else None)
+            for r, row in enumerate(rows)
+        ]
+
+    def _compiled_step(self) -> Any:
+        """The model's forward compiled once for fixed decode shapes (one graph per batch
+        size and cache length; CUDA graphs on a GPU)."""
+        if self._compiled is None:
+            mode = "reduce-overhead" if self._device.type == "cuda" else None
+            self._compiled = torch.compile(self._model, mode=mode, dynamic=False)
+        return self._compiled
+
+    def _generate_batch_transformers(
+        self, seqs: list[list[int]], seeds: list[int], params: GenerationParams
+    ) -> list[Generation]:
+        """The same contract through transformers' ``generate`` (``decode_loop='transformers'``):
+        every row is computed until the last one ends."""
         ids, mask = self._pad_batch(seqs, left=True)
         width = ids.shape[1]
         recorder = TopKRecorder(params.top_logprobs) if params.top_logprobs else None
@@ -493,9 +548,8 @@ class TorchBackend(TokenizerText):
             stopping_criteria=StoppingCriteriaList(criteria),
         )
         generated = out[:, width:].cpu().tolist()
-        top = recorder.stacked() if recorder else None
         return [
-            self._finish(row, len(seqs[r]), params, None if top is None else (top[0][r], top[1][r]))
+            self._finish(row, len(seqs[r]), params, recorder.row(r) if recorder else None)
             for r, row in enumerate(generated)
         ]
 
@@ -589,27 +643,35 @@ def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
 
 
 class TopKRecorder(LogitsProcessor):
-    """Records the k most likely tokens and their logprobs at every step, from the raw
-    logits (it runs first, and the generation config adds no processor before it)."""
+    """Records the k most likely tokens and their logprobs of every row at every step, from
+    the raw logits (it runs first, and the generation config adds no processor before it).
+
+    Rows are the batch's original prompts: the decode loop passes which ones the live
+    batch holds each step, since ended prompts leave it."""
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self._ids: list[torch.Tensor] = []
-        self._logprobs: list[torch.Tensor] = []
+        self._ids: dict[int, list[np.ndarray]] = {}
+        self._logprobs: dict[int, list[np.ndarray]] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logprobs = torch.log_softmax(scores.float(), dim=-1)
-        values, ids = logprobs.topk(min(self.k, logprobs.shape[-1]), dim=-1)
-        self._ids.append(ids.to(torch.int32).cpu())
-        self._logprobs.append(values.cpu())
+        self.record(scores, range(scores.shape[0]))
         return scores
 
-    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
-        """(batch, steps, k) int32 ids and float32 logprobs."""
-        if not self._ids:
-            return np.zeros((0, 0, self.k), np.int32), np.zeros((0, 0, self.k), np.float32)
-        ids = torch.stack(self._ids, dim=1).numpy()
-        return ids, torch.stack(self._logprobs, dim=1).float().numpy()
+    def record(self, scores: torch.Tensor, rows: Sequence[int]) -> None:
+        """One step: batch row b of ``scores`` is prompt ``rows[b]``."""
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
+        values, ids = logprobs.topk(min(self.k, logprobs.shape[-1]), dim=-1)
+        ids_np, values_np = ids.to(torch.int32).cpu().numpy(), values.cpu().numpy()
+        for b, r in enumerate(rows):
+            self._ids.setdefault(r, []).append(ids_np[b])
+            self._logprobs.setdefault(r, []).append(values_np[b])
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prompt r's (steps, k) int32 ids and float32 logprobs."""
+        if r not in self._ids:
+            return np.zeros((0, self.k), np.int32), np.zeros((0, self.k), np.float32)
+        return np.stack(self._ids[r]), np.stack(self._logprobs[r]).astype(np.float32)
 
 
 class SeededSampler(LogitsProcessor):
@@ -627,15 +689,21 @@ class SeededSampler(LogitsProcessor):
         self._generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        pick = self.pick(scores, range(scores.shape[0])).unsqueeze(1)
+        out = torch.full_like(scores, -torch.inf)
+        return cast(torch.FloatTensor, out.scatter_(1, pick, 0.0))
+
+    def pick(self, scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """One token per batch row; row b of ``scores`` is prompt ``rows[b]``, which draws
+        from that prompt's own generator (ended prompts, absent from ``rows``, draw none)."""
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
             probs = _nucleus(probs, self.top_p)
         cdf = probs.cumsum(dim=-1)
-        u = torch.stack([torch.rand((), generator=g) for g in self._generators])
+        u = torch.stack([torch.rand((), generator=self._generators[r]) for r in rows])
         target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
         pick = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
-        out = torch.full_like(scores, -torch.inf)
-        return cast(torch.FloatTensor, out.scatter_(1, pick, 0.0))
+        return pick.squeeze(1)
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -654,13 +722,136 @@ class StopOnStrings(StoppingCriteria):
     within them (a token decodes to at least one character, or a few bytes of one).
     """
 
-    def __init__(self, decode: Any, stops: list[str], prompt_width: int) -> None:
+    def __init__(self, decode: Any, stops: list[str], prompt_width: int = 0) -> None:
         self._decode = decode
         self._stops = stops
         self._width = prompt_width
         self._window = 4 * max(len(s) for s in stops) + 4
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        tails = input_ids[:, self._width :][:, -self._window :].tolist()
-        hits = [first_stop(self._decode(tail), self._stops) is not None for tail in tails]
+        hits = [self.hit(row) for row in input_ids[:, self._width :].tolist()]
         return cast(torch.BoolTensor, torch.tensor(hits, dtype=torch.bool, device=input_ids.device))
+
+    def hit(self, generated: list[int]) -> bool:
+        """Whether a stop string has appeared in these generated ids (checked each step)."""
+        return first_stop(self._decode(generated[-self._window :]), self._stops) is not None
+
+
+class DecodeBatch:
+    """The prompts of one bucket while they decode: inputs, positions, mask and KV cache.
+
+    Batch row b holds prompt ``slots[b]``. After every token ``step`` drops the prompts
+    that just ended from the inputs and from every cache layer (``DynamicCache`` layers
+    are index-selected), so an ended prompt costs nothing from the next forward pass on;
+    transformers' ``generate`` computes it until the whole batch ends.
+
+    With a static cache (``use_static_cache``, for a compiled step) shapes must stay
+    fixed: ended prompts stay in the batch as dead rows, and the batch is compacted only
+    when the live rows fit in half of it, so each bucket compiles a few batch sizes.
+    """
+
+    def __init__(
+        self, model: Any, cache_kwarg: str, ids: torch.Tensor, mask: torch.Tensor, max_new: int
+    ) -> None:
+        self._model = model
+        self._forward: Any = model
+        self._cache_kwarg = cache_kwarg
+        self._ids = ids
+        self._mask = mask
+        self._positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        self._cache: Any = DynamicCache(config=model.config)
+        self._static = False
+        self._width = ids.shape[1]  # mask columns in use
+        self._capacity = ids.shape[1] + max_new
+        self.slots = list(range(ids.shape[0]))
+        self._live = [True] * len(self.slots)
+
+    @property
+    def rows(self) -> list[int]:
+        """The prompts still generating, in the order of the logits ``prefill``/``step`` return."""
+        return [r for r, live in zip(self.slots, self._live, strict=True) if live]
+
+    def use_static_cache(self, compiled_forward: Any) -> None:
+        """Decode with a preallocated cache of fixed shape through ``compiled_forward``."""
+        self._cache = StaticCache(config=self._model.config, max_cache_len=self._capacity)
+        self._forward = compiled_forward
+        self._static = True
+        rest = self._capacity - self._width
+        self._mask = torch.cat([self._mask, self._mask.new_zeros((self._mask.shape[0], rest))], 1)
+
+    def prefill(self) -> torch.Tensor:
+        """Runs the prompts; the last position's logits, one row per prompt."""
+        # A static cache's mask spans its whole capacity (unwritten columns are 0).
+        logits = self._run(self._model, self._ids, self._mask, self._positions)
+        self._positions = self._positions[:, -1:] + 1
+        return logits
+
+    def step(self, tokens: torch.Tensor, ended: list[bool]) -> torch.Tensor:
+        """Feeds each live prompt its token (``ended`` flags the ones that just ended, in
+        ``rows`` order); the next logits of the prompts still live."""
+        live_at = [b for b, live in enumerate(self._live) if live]
+        feed = torch.full((len(self.slots),), 0, dtype=torch.long, device=tokens.device)
+        feed[live_at] = tokens
+        for b, done in zip(live_at, ended, strict=True):
+            self._live[b] = not done
+        keep = self._keep()
+        if keep is not None:
+            index = torch.tensor(keep, device=tokens.device)
+            self._select(index)
+            feed = feed[index]
+            self.slots = [self.slots[b] for b in keep]
+            self._live = [self._live[b] for b in keep]
+        if self._static:
+            self._mask[:, self._width] = 1
+            mask = self._mask
+        else:
+            self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.slots), 1))], 1)
+            mask = self._mask
+        self._width += 1
+        logits = self._run(self._forward, feed.unsqueeze(1), mask, self._positions)
+        self._positions = self._positions + 1
+        if all(self._live):
+            return logits
+        return logits[[b for b, live in enumerate(self._live) if live]]
+
+    def _keep(self) -> list[int] | None:
+        """Batch rows to keep, or None to keep the batch as it is."""
+        live = [b for b, alive in enumerate(self._live) if alive]
+        if len(live) == len(self.slots):
+            return None
+        if not self._static:
+            return live
+        size = len(self.slots)
+        if len(live) > size // 2:
+            return None
+        while size // 2 >= len(live) and size > 1:
+            size //= 2
+        dead = [b for b, alive in enumerate(self._live) if not alive]
+        return sorted(live + dead[: size - len(live)])
+
+    def _select(self, index: torch.Tensor) -> None:
+        self._mask = self._mask[index]
+        self._positions = self._positions[index]
+        if not self._static:
+            self._cache.batch_select_indices(index)
+            return
+        for layer in self._cache.layers:  # static layers have no batch_select_indices
+            if getattr(layer, "is_initialized", False):
+                layer.keys = layer.keys[index].contiguous()
+                layer.values = layer.values[index].contiguous()
+                layer.batch_size = int(index.shape[0])
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+
+    def _run(
+        self, forward: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        out = forward(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: self._cache},
+        )
+        return cast(torch.Tensor, out.logits[:, -1, :])

@@ -25,6 +25,7 @@ import torch
 from pydantic import ValidationError
 
 from services.runtime.backends.base import Generation, GenerationParams, LMBackend, ModelSettings
+from services.runtime.backends.text import first_stop
 from services.runtime.backends.torch_backend import TorchBackend, _nucleus
 from services.runtime.backends.vllm_backend import (
     VLLMBackend,
@@ -204,6 +205,147 @@ def test_generation_refuses_prompts_that_do_not_fit(backend: TorchBackend) -> No
 def test_generation_params_are_validated(fields: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         GenerationParams.model_validate(fields)
+
+
+# -- early exit: an ended prompt leaves the batch and its KV cache --------------------------
+
+
+@pytest.fixture(scope="module")
+def one_batch() -> TorchBackend:
+    """All four prompts in one batch, so prompts end at different steps of the same loop."""
+    return TorchBackend(settings(dtype="float32", max_tokens=64, batch_tokens=4096))
+
+
+@pytest.fixture(scope="module")
+def old_loop() -> TorchBackend:
+    """The transformers generate path, for comparison."""
+    return TorchBackend(
+        settings(dtype="float32", max_tokens=64, batch_tokens=4096, decode_loop="transformers")
+    )
+
+
+@pytest.fixture
+def forward_rows(one_batch: TorchBackend) -> Iterator[list[int]]:
+    """Rows of every forward pass of ``one_batch``'s model while the test runs."""
+    rows: list[int] = []
+
+    def count(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rows.append(int(kwargs["input_ids"].shape[0]))
+
+    handle = one_batch.model.register_forward_pre_hook(count, with_kwargs=True)
+    yield rows
+    handle.remove()
+
+
+def _steps(gen: Generation) -> int:
+    """Forward passes a prompt needs: one per generated token up to the one that ends it
+    (the EOS that ends a 'stop' counts)."""
+    return len(gen.token_ids) + (gen.finish_reason == "stop")
+
+
+def _stop_steps(backend: TorchBackend, gen: Generation, stops: list[str]) -> int:
+    """The same when stop strings also end it: at the token that completes one."""
+    for n in range(1, len(gen.token_ids) + 1):
+        if first_stop(backend.decode(gen.token_ids[:n]), stops) is not None:
+            return n
+    return _steps(gen)
+
+
+def _live_rows(steps: list[int]) -> list[int]:
+    """Rows each forward pass must compute when an ended prompt is never computed again."""
+    return [sum(n > s for n in steps) for s in range(max(steps))]
+
+
+def test_an_ended_prompt_is_not_computed_again(
+    one_batch: TorchBackend, prompts: list[str], greedy: list[Generation], forward_rows: list[int]
+) -> None:
+    got = one_batch.generate(prompts, GenerationParams(max_new_tokens=MAX_NEW, top_logprobs=K))
+    steps = [_steps(g) for g in greedy]
+    assert len(set(steps)) > 1  # prompts end at different steps: the case under test
+    assert forward_rows == _live_rows(steps)
+    assert sum(forward_rows) < len(prompts) * max(steps)
+    for g, want in zip(got, greedy, strict=True):  # same contract as in length buckets
+        assert (g.token_ids, g.text, g.finish_reason) == (
+            want.token_ids,
+            want.text,
+            want.finish_reason,
+        )
+        assert g.top_ids is not None and want.top_ids is not None
+        np.testing.assert_array_equal(g.top_ids, want.top_ids)
+        np.testing.assert_allclose(g.top_logprobs, want.top_logprobs, atol=2e-4)  # type: ignore[arg-type]
+
+
+def test_a_stop_string_ends_the_prompts_computation(
+    one_batch: TorchBackend, prompts: list[str], greedy: list[Generation], forward_rows: list[int]
+) -> None:
+    stops = [greedy[2].text.split()[2]]
+    got = one_batch.generate(prompts, GenerationParams(max_new_tokens=MAX_NEW, stop=stops))
+    steps = [_stop_steps(one_batch, g, stops) for g in greedy]
+    assert steps[2] < _steps(greedy[2])  # the stop string ends prompt 2 before EOS or length
+    assert forward_rows == _live_rows(steps)
+    assert got[2].finish_reason == "stop" and stops[0] not in got[2].text
+    assert greedy[2].text.startswith(got[2].text)
+
+
+def test_seeded_rows_keep_their_stream_when_neighbours_leave(
+    one_batch: TorchBackend, prompts: list[str], forward_rows: list[int]
+) -> None:
+    sampled = GenerationParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=11)
+    (first,) = one_batch.generate(prompts[:1], sampled)
+    assert len(first.text.split()) >= 3
+    # A stop string from the first prompt's own sample ends it while the others go on.
+    sampled = sampled.model_copy(update={"stop": [first.text.split()[1]], "top_logprobs": 3})
+    forward_rows.clear()
+    together = one_batch.generate(prompts, sampled)
+    assert together[0].finish_reason == "stop"
+    assert len(set(forward_rows)) > 1  # some prompt ended while others went on
+    forward_rows.clear()
+    for prompt, gen in zip(prompts, together, strict=True):
+        (alone,) = one_batch.generate([prompt], sampled)
+        assert (alone.token_ids, alone.finish_reason) == (gen.token_ids, gen.finish_reason)
+        np.testing.assert_allclose(alone.top_logprobs, gen.top_logprobs, atol=2e-4)  # type: ignore[arg-type]
+
+
+def test_the_transformers_loop_gives_the_same_results(
+    old_loop: TorchBackend, one_batch: TorchBackend, prompts: list[str], greedy: list[Generation]
+) -> None:
+    for params in (
+        GenerationParams(max_new_tokens=MAX_NEW, top_logprobs=K),
+        GenerationParams(max_new_tokens=MAX_NEW, stop=[greedy[2].text.split()[2]]),
+        GenerationParams(max_new_tokens=6, temperature=1.0, seed=5, top_logprobs=2),
+    ):
+        old, new = old_loop.generate(prompts, params), one_batch.generate(prompts, params)
+        for o, n in zip(old, new, strict=True):
+            assert (o.token_ids, o.text, o.finish_reason) == (n.token_ids, n.text, n.finish_reason)
+            if params.top_logprobs:
+                np.testing.assert_array_equal(o.top_ids, n.top_ids)  # type: ignore[arg-type]
+                np.testing.assert_allclose(o.top_logprobs, n.top_logprobs, atol=2e-4)  # type: ignore[arg-type]
+
+
+def test_static_cache_compacts_when_the_live_batch_halves(
+    prompts: list[str], greedy: list[Generation], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compiled path's cache and compaction, run eagerly (compiling on CPU takes minutes).
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    static = TorchBackend(
+        settings(dtype="float32", max_tokens=64, batch_tokens=4096, compile_decode=True)
+    )
+    rows: list[int] = []
+    static.model.register_forward_pre_hook(
+        lambda m, a, kw: rows.append(int(kw["input_ids"].shape[0])), with_kwargs=True
+    )
+    got = static.generate(prompts, GenerationParams(max_new_tokens=MAX_NEW, top_logprobs=K))
+    for g, want in zip(got, greedy, strict=True):
+        assert (g.token_ids, g.finish_reason) == (want.token_ids, want.finish_reason)
+        np.testing.assert_allclose(g.top_logprobs, want.top_logprobs, atol=2e-4)  # type: ignore[arg-type]
+    steps = [_steps(g) for g in greedy]
+    want_rows = []
+    size = len(prompts)
+    for live in _live_rows(steps):
+        while size > 1 and live <= size // 2:
+            size //= 2
+        want_rows.append(size)
+    assert rows == want_rows
 
 
 # -- the vLLM backend against a stand-in engine -------------------------------------------
