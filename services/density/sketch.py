@@ -84,6 +84,7 @@ _WORD_MASK = (1 << _WORD_BITS) - 1
 _CHUNK_ROWS = 8192
 _DEVICE_CHUNK_ROWS = 65536
 _F32_EPS = float(np.finfo(np.float32).eps)
+_LOG_GROUP = 8
 
 
 class SketchParams(StrictModel):
@@ -391,13 +392,22 @@ class RaceSketch:
         flat = torch.from_numpy(self.counts).view(-1)
         if self.tensor_counts:
             flat = flat.to(self.device)
+        rows = self.params.rows
         out = np.empty(len(x), dtype=np.float64)
         for start, ids in self._chunk_ids(x):
             counts = flat.take(ids)
             if plus_one:
                 counts += 1
-            logs = counts.clamp_(min=1).to(torch.float64).log_()
-            out[start : start + ids.shape[1]] = logs.mean(dim=0).exp_().cpu().numpy()
+            c = counts.clamp_(min=1).to(torch.float64)
+            # log of products of up to 8 rows (< 2^504 for int64 counts: no overflow), so 8x
+            # fewer logs; elementwise products in a fixed order keep a point's value
+            # independent of its batch
+            prod = c[0::_LOG_GROUP].clone()
+            for j in range(1, _LOG_GROUP):
+                part = c[j::_LOG_GROUP]
+                prod[: len(part)] *= part
+            logs = prod.log_().sum(dim=0)
+            out[start : start + ids.shape[1]] = logs.div_(rows).exp_().cpu().numpy()
         return out
 
     def estimate_kde(self, x: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
