@@ -31,7 +31,6 @@ from services.runtime.backends.vllm_backend import (
     VLLMBackend,
     generation_from_output,
     top_k_arrays,
-    vllm_available,
 )
 from services.runtime.errors import InvalidArgument
 
@@ -534,39 +533,3 @@ def test_generation_from_output_drops_eos(backend: TorchBackend) -> None:
         7,
     )
     assert gen.top_ids is None
-
-
-# -- the real engine (GPU machines) ----------------------------------------------------------
-
-gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and vllm_available()), reason="needs CUDA and vllm"
-)
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_vllm_generate_follows_the_contract(backend: TorchBackend) -> None:
-    engine = VLLMBackend(
-        settings(
-            backend="vllm",
-            dtype="bfloat16",
-            max_tokens=64,
-            generation_tokens=32,
-            gpu_memory_utilization=0.3,
-        )
-    )
-    prompts = [engine.render_chat(q) for q in QUESTIONS]
-    got = engine.generate(prompts, GenerationParams(max_new_tokens=MAX_NEW, top_logprobs=K))
-    want = backend.generate(prompts, GenerationParams(max_new_tokens=MAX_NEW))
-    for g, w in zip(got, want, strict=True):
-        assert g.top_ids is not None and g.top_logprobs is not None
-        assert g.top_ids.shape == (len(g.token_ids), K)
-        np.testing.assert_array_equal(g.top_ids[:, 0], g.token_ids)  # greedy = raw top-1
-        assert g.text == engine.decode(g.token_ids)
-        assert g.token_ids[:2] == w.token_ids[:2]  # bf16 vs fp32: the start agrees
-    stop = [got[2].text.split()[2]]
-    (cut,) = engine.generate(prompts[2:3], GenerationParams(max_new_tokens=MAX_NEW, stop=stop))
-    assert cut.finish_reason == "stop" and stop[0] not in cut.text
-    assert got[2].text.startswith(cut.text)
-    seeded = GenerationParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=3)
-    assert engine.generate(prompts, seeded) == engine.generate(prompts, seeded)

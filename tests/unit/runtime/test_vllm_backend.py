@@ -1,6 +1,6 @@
-"""The vLLM backend: import hygiene, configuration errors, plumbing, and (on a GPU) numbers.
+"""The vLLM backend: import hygiene, configuration errors, and plumbing (stand-in engine).
 
-Three layers, so that most of it runs on the CPU machines where vLLM cannot be installed:
+Three layers, so that most of it runs where vLLM is not installed (``make test``):
 
 - Import hygiene and configuration errors, against the real modules.
 - Plumbing, against a stand-in ``vllm`` module whose ``LLM.generate`` honours the vLLM
@@ -9,8 +9,8 @@ Three layers, so that most of it runs on the CPU machines where vLLM cannot be i
   numbers with the packaged model in torch, one unpadded prompt at a time. It checks the
   encoding, BOS handling, truncation, column order and engine settings; it cannot check
   that real vLLM keeps that contract.
-- ``@pytest.mark.gpu``: the real engine against the torch backend. Skipped unless CUDA and
-  vllm are both present.
+- The real engine against the torch backend: test_vllm_engine.py, a module of its own so
+  that no stand-in ``vllm`` is installed while it runs.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from services.runtime.errors import ConfigError, InvalidArgument, SluiceError
 from services.scoring.prompts import (
     answer_token_ids,
     build_ask_llm_prompt,
-    normalized_yes_probability,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -355,73 +354,3 @@ def test_bad_requests_are_refused_before_the_engine(fake_backend: VLLMBackend) -
     with pytest.raises(InvalidArgument, match="outside vocabulary"):
         fake_backend.next_token_logprobs(["hi"], [10**9])
     assert len(_engine(fake_backend).calls) == calls
-
-
-# -- the real engine (GPU machines) ----------------------------------------------------------
-
-gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and vllm_available()), reason="needs CUDA and vllm"
-)
-
-
-@pytest.fixture(scope="module")
-def gpu_backend() -> VLLMBackend:
-    # Little GPU memory: the model is tiny, and the torch reference may share the device.
-    return VLLMBackend(
-        settings(
-            backend="vllm", dtype="bfloat16", max_tokens=MAX_TOKENS, gpu_memory_utilization=0.3
-        )
-    )
-
-
-@pytest.fixture(scope="module")
-def gpu_reference(gpu_backend: VLLMBackend) -> TorchBackend:
-    # Created after the engine: vLLM forks its engine process, which CUDA used first forbids.
-    return TorchBackend(settings(dtype="float32", device="cuda", max_tokens=MAX_TOKENS))
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_next_token_logprobs_agree_with_torch(
-    gpu_backend: VLLMBackend, gpu_reference: TorchBackend
-) -> None:
-    """bf16 vLLM vs fp32 torch: the same distribution up to bf16 rounding (on CPU, bf16 vs
-    fp32 moved P(yes) by ~0.03)."""
-    prompts = [
-        gpu_backend.render_chat(build_ask_llm_prompt(gpu_backend.truncate(t, 40))) for t in TEXTS
-    ]
-    yes, no = answer_token_ids(gpu_backend)
-    got = gpu_backend.next_token_logprobs(prompts, yes + no)
-    want = gpu_reference.next_token_logprobs(prompts, yes + no)
-    assert np.isfinite(got).all()
-    # Unrestricted, unnormalized over the candidates: the raw values agree, not only
-    # their ratios (a renormalized mode would shift every row by a constant).
-    likely = want > -10  # tiny probabilities carry large relative rounding
-    np.testing.assert_allclose(got[likely], want[likely], atol=0.3)
-    p_got = normalized_yes_probability(got, len(yes))
-    p_want = normalized_yes_probability(want, len(yes))
-    np.testing.assert_allclose(p_got, p_want, atol=0.05)
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_sequence_nll_agrees_with_torch(
-    gpu_backend: VLLMBackend, gpu_reference: TorchBackend
-) -> None:
-    got = gpu_backend.sequence_nll(TEXTS)
-    want = gpu_reference.sequence_nll(TEXTS)
-    for g, w in zip(got, want, strict=True):
-        assert g.tokens == w.tokens
-        if w.tokens:
-            assert g.total / g.tokens == pytest.approx(w.total / w.tokens, abs=0.1)
-    words = PROSE.split()
-    shuffled = " ".join(words[::-1])
-    prose, mixed = gpu_backend.sequence_nll([PROSE, shuffled])
-    assert mixed.perplexity > 5 * prose.perplexity
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_backend_identity(gpu_backend: VLLMBackend) -> None:
-    assert gpu_backend.model_version == "smollm2-135m-instruct@bf16+vllm"
-    assert gpu_backend.has_chat_template
