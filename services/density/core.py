@@ -266,7 +266,9 @@ class DensityCore:
         """Lineage identifier: embedding model + sketch fingerprint (+ version)."""
         parts = [self.embedding_model]
         if state is not None:
-            parts.append(f"race-{state.fingerprint[:12]}-w{state.sketch.params.width:g}")
+            # "-gm": densities are the rows' geometric mean (estimate_density), so a release
+            # that changes the reduction changes the version, and with it the batch ids.
+            parts.append(f"race-{state.fingerprint[:12]}-w{state.sketch.params.width:g}-gm")
             if state.version is not None:
                 parts.append(f"v{state.version}")
         return "/".join(parts)
