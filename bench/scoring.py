@@ -1,14 +1,22 @@
 """How fast the batched Ask-LLM scorer is, against a naive loop and against the hardware.
 
-``python -m bench.scoring [--quick]`` scores the same real news documents (gensim's
-``lee_background.cor``) twice with the same model and dtype: once through
-``TorchBackend.next_token_logprobs`` (length buckets, left padding, LM head on the last
-position only) and once with a per-sample loop (one unpadded forward per prompt with the
-full logits). It reports tokens/s, achieved FLOP/s (2 x parameters x prompt tokens / time)
-and that as a fraction of this machine's matmul peak, measured here with a square matmul in
-the same dtype, so the number means something on any host. It also checks both methods
-give the same scores. The last line is ``RESULT scoring speedup_vs_naive=.. flop_fraction=..
-tokens_per_s=..``.
+``python -m bench.scoring [--quick] [--sizes 135m,1.7b] [--device cuda]`` scores the same
+real news documents (gensim's ``lee_background.cor``) with the same model and dtype three
+ways: a per-sample loop (one unpadded forward per prompt with the full logits), the
+backend's padded length buckets (``packing: off``: left padding, LM head on the last
+position only) and its padding-free packed rows (``packing: on``: prompts back to back,
+position ids restarting per prompt). It reports tokens/s, the tokens each method computed
+(padding included), achieved FLOP/s (2 x parameters x prompt tokens / time) and that as a
+fraction of this machine's matmul peak, measured with a square matmul in the same dtype
+(8192^3 on a GPU, 2048^3 on a CPU, ``--peak-n``), so the number means something on any
+host. It checks that every method gives the same scores.
+
+``--sizes`` runs random-init checkpoints of real shapes (``bench.shapes``: SmolLM2's 135M,
+360M, 1.7B with the packaged tokenizer; built once into the bench cache, on ``--device``)
+instead of ``--model``: no hub is needed, and throughput does not depend on the weights.
+The last line is ``RESULT scoring speedup_vs_naive=.. flop_fraction=.. tokens_per_s=..
+packed_vs_padded=..`` for the last size, where flop_fraction and tokens_per_s are those of
+what ``packing: auto`` runs on this device (packed on CUDA, padded on CPU).
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.shapes import parse_sizes, random_init_checkpoint
 from services.runtime.backends.base import ModelSettings
-from services.runtime.backends.torch_backend import TorchBackend
+from services.runtime.backends.torch_backend import TorchBackend, length_buckets, pack_rows
 from services.scoring.prompts import (
     answer_token_ids,
     build_ask_llm_prompt,
@@ -117,85 +126,158 @@ def best_of(
     return [best[m] for m in methods]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.scoring", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small subset (< 45 s on 2 cores)")
-    parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--samples", type=int, default=0, help="documents (default 12 / 96)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="sample text token budget")
-    parser.add_argument("--batch-tokens", type=int, default=0, help="padded tokens per pass")
-    parser.add_argument("--reps", type=int, default=0, help="passes per method, best kept")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    args = parser.parse_args(argv)
-    samples = args.samples or (12 if args.quick else 96)
-    reps = args.reps or 3
+def device_name(device: torch.device) -> str:
+    """What the numbers were measured on: the GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cpus)"
+    except OSError:
+        pass
+    return "cpu"
 
+
+def computed_tokens(backend: TorchBackend, lengths: list[int], packed: bool) -> int:
+    """Token positions a method runs through the model, padding and row filler included."""
+    if not packed:
+        return sum(
+            len(b) * max(lengths[i] for i in b)
+            for b in length_buckets(lengths, backend.batch_tokens)
+        )
+    width = max(backend.settings.pack_tokens, max(lengths))
+    rows = pack_rows(lengths, width)
+    per_pass = max(1, backend.batch_tokens // width)
+    total = 0
+    for first in range(0, len(rows), per_pass):
+        group = rows[first : first + per_pass]
+        total += len(group) * max(sum(lengths[i] for i in row) for row in group)
+    return total
+
+
+def bench_model(args: argparse.Namespace, model: str, samples: int, reps: int) -> dict[str, float]:
     fields = {
-        "model": args.model,
+        "model": model,
         "dtype": args.dtype,
         "device": args.device,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
+        "packing": "off",
     }
-    if args.batch_tokens:  # else the production default, so the bench measures what runs
+    if args.batch_tokens:  # else the production default (auto), so the bench measures what runs
         fields["batch_tokens"] = args.batch_tokens
     settings = ModelSettings.model_validate(fields)
     start = time.perf_counter()
-    backend = TorchBackend(settings)
+    padded_backend = TorchBackend(settings)
     load_s = time.perf_counter() - start
+    packed_backend = TorchBackend(settings.model_copy(update={"packing": "on"}))
     device = torch.device(settings.device)
-    n_params = sum(p.numel() for p in backend.model.parameters())
+    n_params = sum(p.numel() for p in padded_backend.model.parameters())
 
+    backend = padded_backend
     texts = [backend.truncate(t, settings.max_tokens) for t in load_texts(samples)]
     prompts = [backend.render_chat(build_ask_llm_prompt(t)) for t in texts]
     yes, no = answer_token_ids(backend)
     candidates = yes + no
-    tokens = sum(len(backend.encode_prompt(p)) for p in prompts)
+    lengths = [len(backend.encode_prompt(p)) for p in prompts]
+    tokens = sum(lengths)
+    computed = {
+        "naive per-sample": tokens,
+        "padded buckets": computed_tokens(backend, lengths, packed=False),
+        "packed rows": computed_tokens(packed_backend, lengths, packed=True),
+    }
 
-    peak = matmul_peak_flops(backend.dtype, device)
+    peak = matmul_peak_flops(backend.dtype, device, args.peak_n)
     methods = {
         "naive per-sample": lambda p, c: naive_logprobs(backend, p, c),
-        "batched (backend)": backend.next_token_logprobs,
+        "padded buckets": padded_backend.next_token_logprobs,
+        "packed rows": packed_backend.next_token_logprobs,
     }
-    naive, batched = best_of(reps, methods, prompts, candidates, tokens, device)
-    peak = max(peak, matmul_peak_flops(backend.dtype, device))
+    runs = best_of(reps, methods, prompts, candidates, tokens, device)
+    peak = max(peak, matmul_peak_flops(backend.dtype, device, args.peak_n))
 
     print(
-        f"model {backend.model_version} ({n_params / 1e6:.1f}M params, loaded in {load_s:.1f} s) "
-        f"on {device} with {torch.get_num_threads()} threads; {samples} docs, text <= "
-        f"{settings.max_tokens} tokens, {tokens / samples:.0f} prompt tokens/doc, "
-        f"batch_tokens {settings.batch_tokens}, best of {reps} interleaved passes"
+        f"\nmodel {model}: {backend.model_version} ({n_params / 1e6:,.0f}M params, loaded in "
+        f"{load_s:.1f} s) on {device_name(device)} with {torch.get_num_threads()} threads; "
+        f"{samples} docs, text <= {settings.max_tokens} tokens, {tokens / samples:.0f} prompt "
+        f"tokens/doc (min {min(lengths)}, max {max(lengths)}), batch_tokens "
+        f"{backend.batch_tokens}, pack_tokens {packed_backend.settings.pack_tokens}, best of "
+        f"{reps} interleaved passes"
     )
-    print(f"matmul peak (2048^3, {backend.dtype}, best before/after): {peak / 1e9:,.0f} GFLOP/s")
+    print(
+        f"matmul peak ({args.peak_n}^3, {backend.dtype}, best before/after): "
+        f"{peak / 1e9:,.0f} GFLOP/s"
+    )
     print()
-    header = f"{'method':<20}{'samples':>8}{'tokens':>9}{'seconds':>9}{'tokens/s':>10}"
-    print(header + f"{'GFLOP/s':>9}{'% peak':>8}")
-    for run in (naive, batched):
+    header = f"{'method':<18}{'samples':>8}{'tokens':>9}{'computed':>10}{'seconds':>9}"
+    print(header + f"{'tokens/s':>11}{'GFLOP/s':>10}{'% peak':>8}")
+    for run in runs:
         flops = 2 * n_params * run.tokens / run.seconds
         print(
-            f"{run.method:<20}{run.samples:>8}{run.tokens:>9}{run.seconds:>9.2f}"
-            f"{run.tokens / run.seconds:>10,.0f}{flops / 1e9:>9,.0f}{100 * flops / peak:>7.1f}%"
+            f"{run.method:<18}{run.samples:>8}{run.tokens:>9}{computed[run.method]:>10}"
+            f"{run.seconds:>9.2f}{run.tokens / run.seconds:>11,.0f}{flops / 1e9:>10,.0f}"
+            f"{100 * flops / peak:>7.1f}%"
         )
+    naive, padded, packed = runs
     p_naive = normalized_yes_probability(naive.logprobs, len(yes))
-    p_batched = normalized_yes_probability(batched.logprobs, len(yes))
     print()
-    d_logprob = np.abs(batched.logprobs - naive.logprobs).max()
+    for run in (padded, packed):
+        p_run = normalized_yes_probability(run.logprobs, len(yes))
+        print(
+            f"agreement {run.method} vs naive: max |d logprob| "
+            f"{np.abs(run.logprobs - naive.logprobs).max():.2e}, max |d P(yes)| "
+            f"{np.abs(p_run - p_naive).max():.2e} (P(yes) range {p_run.min():.3f}.."
+            f"{p_run.max():.3f})"
+        )
+    auto = packed if device.type == "cuda" else padded  # what packing: auto runs here
+    return {
+        "speedup_vs_naive": naive.seconds / auto.seconds,
+        "flop_fraction": 2 * n_params * auto.tokens / auto.seconds / peak,
+        "tokens_per_s": auto.tokens / auto.seconds,
+        "packed_vs_padded": padded.seconds / packed.seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scoring", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small subset (< 45 s on 2 cores)")
+    parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
+    parser.add_argument(
+        "--sizes", default="", help="random-init shapes instead of --model, e.g. 135m,1.7b"
+    )
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples", type=int, default=0, help="documents (default 12 / 96)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="sample text token budget")
+    parser.add_argument("--batch-tokens", type=int, default=0, help="tokens per pass (0 = auto)")
+    parser.add_argument("--reps", type=int, default=0, help="passes per method, best kept")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--peak-n", type=int, default=0, help="peak matmul size (0 = by device)")
+    args = parser.parse_args(argv)
+    samples = args.samples or (12 if args.quick else 96)
+    reps = args.reps or 3
+    if not args.peak_n:
+        args.peak_n = 8192 if args.device.startswith("cuda") else 2048
+    models = [args.model]
+    if args.sizes:
+        dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+        models = [
+            str(random_init_checkpoint(size, dtype=dtype, device=args.device))
+            for size in parse_sizes(args.sizes)
+        ]
+    result: dict[str, float] = {}
+    for model in models:
+        result = bench_model(args, model, samples, reps)
     print(
-        f"agreement batched vs naive: max |d logprob| {d_logprob:.2e}"
-        f", max |d P(yes)| {np.abs(p_batched - p_naive).max():.2e}"
-        f" (P(yes) range {p_batched.min():.3f}..{p_batched.max():.3f})"
+        "\nFLOPs counted as 2 x all parameters x prompt tokens; the batched paths apply the LM "
+        "head at one position per prompt, so they execute fewer FLOPs than counted."
     )
     print(
-        "FLOPs counted as 2 x all parameters x prompt tokens; the batched path applies the "
-        "LM head at one position per prompt, so it executes fewer FLOPs than counted."
-    )
-    speedup = naive.seconds / batched.seconds
-    fraction = 2 * n_params * batched.tokens / batched.seconds / peak
-    print(
-        f"RESULT scoring speedup_vs_naive={speedup:.2f} flop_fraction={fraction:.3f} "
-        f"tokens_per_s={batched.tokens / batched.seconds:.0f}"
+        f"RESULT scoring speedup_vs_naive={result['speedup_vs_naive']:.2f} "
+        f"flop_fraction={result['flop_fraction']:.3f} tokens_per_s={result['tokens_per_s']:.0f} "
+        f"packed_vs_padded={result['packed_vs_padded']:.2f}"
     )
 
 

