@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,6 +126,7 @@ class VLLMBackend(TokenizerText):
             settings.dtype,
             self._max_model_len,
         )
+        self._engine_lock = threading.Lock()
         self._llm: Any = vllm.LLM(
             model=path,
             tokenizer=path,
@@ -234,7 +236,11 @@ class VLLMBackend(TokenizerText):
         """One engine call for all requests; vLLM schedules and batches them itself
         (continuous batching, chunked prefill), so no length bucketing here."""
         requests = [{"prompt_token_ids": ids} for ids in encoded]
-        outputs = list(self._llm.generate(requests, params, use_tqdm=False))
+        # vLLM's LLM is not thread-safe, and concurrent gRPC handlers share this backend:
+        # one call at a time (which also keeps a V1-runner batch from mixing scoring's
+        # logprob_token_ids with generation's top-k, see the module docstring).
+        with self._engine_lock:
+            outputs = list(self._llm.generate(requests, params, use_tqdm=False))
         if len(outputs) != len(encoded):
             raise SluiceError(f"vLLM returned {len(outputs)} outputs for {len(encoded)} prompts")
         for output, ids in zip(outputs, encoded, strict=True):

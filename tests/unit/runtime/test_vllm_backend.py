@@ -23,6 +23,8 @@ import importlib.machinery
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -354,3 +356,37 @@ def test_bad_requests_are_refused_before_the_engine(fake_backend: VLLMBackend) -
     with pytest.raises(InvalidArgument, match="outside vocabulary"):
         fake_backend.next_token_logprobs(["hi"], [10**9])
     assert len(_engine(fake_backend).calls) == calls
+
+
+@pytest.mark.slow
+def test_concurrent_calls_reach_the_engine_one_at_a_time(
+    fake_backend: VLLMBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gRPC handlers run in a thread pool and share one backend; vLLM's LLM is not thread-safe.
+    engine = _engine(fake_backend)
+    inner = engine.generate
+    active, most = [0], [0]
+    guard = threading.Lock()
+
+    def slow_generate(*args: Any, **kwargs: Any) -> list[SimpleNamespace]:
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    monkeypatch.setattr(engine, "generate", slow_generate)
+    threads = [
+        threading.Thread(target=fake_backend.sequence_nll, args=([f"Hello world {i}."],))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert most[0] == 1
+    assert not any(t.is_alive() for t in threads)
