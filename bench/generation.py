@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.scoring import load_texts, matmul_peak_flops
-from bench.shapes import parse_sizes, random_init_checkpoint
+from bench.scoring import device_name, load_texts, matmul_peak_flops, peak_size
+from bench.shapes import checkpoints_for
 from services.runtime.backends.base import GenerationParams, ModelSettings
 from services.runtime.backends.torch_backend import TorchBackend
 
@@ -116,20 +115,6 @@ def best_of(
     return [best[m] for m in methods]
 
 
-def device_name(device: torch.device) -> str:
-    """The accelerator's or the CPU's model name, for the table's header."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small subset (~1 min on 2 cores)")
@@ -147,12 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow)")
     args = parser.parse_args(argv)
     if args.sizes:
-        dtype = "float32" if args.dtype == "float32" else "bfloat16"
-        if args.device == "cpu" and args.dtype == "auto":
-            dtype = "float32"
-        for size in parse_sizes(args.sizes):
-            path = random_init_checkpoint(size, dtype=dtype, device=args.device)
-            print(f"\n== {size} (random init) ==")
+        for path in checkpoints_for(args.sizes, args.dtype, args.device):
+            print(f"\n== {path.name} ==")
             run_model(str(path), args)
     else:
         run_model(args.model, args)
@@ -188,7 +169,7 @@ def run_model(model: str, args: argparse.Namespace) -> None:
     runs = best_of(args.reps, methods, prompts)
     reference = runs[0]
     device = torch.device(settings.device)
-    peak = matmul_peak_flops(backend.dtype, device, n=8192 if device.type == "cuda" else 2048)
+    peak = matmul_peak_flops(backend.dtype, device, n=peak_size(device))
 
     print(
         f"model {backend.model_version} (loaded in {load_s:.1f} s) on {device_name(device)} "

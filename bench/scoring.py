@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.shapes import parse_sizes, random_init_checkpoint
+from bench.shapes import checkpoints_for
 from services.runtime.backends.base import ModelSettings
-from services.runtime.backends.torch_backend import TorchBackend, length_buckets, pack_rows
+from services.runtime.backends.torch_backend import TorchBackend, length_buckets, packed_passes
 from services.scoring.prompts import (
     answer_token_ids,
     build_ask_llm_prompt,
@@ -126,6 +126,12 @@ def best_of(
     return [best[m] for m in methods]
 
 
+def peak_size(device: torch.device) -> int:
+    """The square matmul that measures the peak: 8192^3 on a GPU (2048^3 leaves it
+    launch-bound and overstates the fraction), 2048^3 on a CPU (seconds, not minutes)."""
+    return 8192 if device.type == "cuda" else 2048
+
+
 def device_name(device: torch.device) -> str:
     """What the numbers were measured on: the GPU's name, or the CPU's model name."""
     if device.type == "cuda":
@@ -147,14 +153,8 @@ def computed_tokens(backend: TorchBackend, lengths: list[int], packed: bool) -> 
             len(b) * max(lengths[i] for i in b)
             for b in length_buckets(lengths, backend.batch_tokens)
         )
-    width = max(backend.settings.pack_tokens, max(lengths))
-    rows = pack_rows(lengths, width)
-    per_pass = max(1, backend.batch_tokens // width)
-    total = 0
-    for first in range(0, len(rows), per_pass):
-        group = rows[first : first + per_pass]
-        total += len(group) * max(sum(lengths[i] for i in row) for row in group)
-    return total
+    passes = packed_passes(lengths, backend.settings.pack_tokens, backend.batch_tokens)
+    return sum(len(rows) * max(sum(lengths[i] for i in row) for row in rows) for rows in passes)
 
 
 def bench_model(args: argparse.Namespace, model: str, samples: int, reps: int) -> dict[str, float]:
@@ -258,15 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     samples = args.samples or (12 if args.quick else 96)
     reps = args.reps or 3
-    if not args.peak_n:
-        args.peak_n = 8192 if args.device.startswith("cuda") else 2048
+    args.peak_n = args.peak_n or peak_size(torch.device(args.device))
     models = [args.model]
     if args.sizes:
-        dtype = "bfloat16" if args.dtype == "auto" else args.dtype
-        models = [
-            str(random_init_checkpoint(size, dtype=dtype, device=args.device))
-            for size in parse_sizes(args.sizes)
-        ]
+        models = [str(p) for p in checkpoints_for(args.sizes, args.dtype, args.device)]
     result: dict[str, float] = {}
     for model in models:
         result = bench_model(args, model, samples, reps)

@@ -117,6 +117,15 @@ def random_init_checkpoint(size: str, *, dtype: str = "bfloat16", device: str = 
     return out
 
 
+def checkpoints_for(sizes: str, dtype: str, device: str) -> list[Path]:
+    """The checkpoints of a ``--sizes`` list for a bench's ``--dtype``/``--device``: stored in
+    that dtype, or for 'auto' in what the backend computes in there (bf16 on CUDA; float32
+    on CPU, where bf16 would be converted at every load)."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return [random_init_checkpoint(s, dtype=dtype, device=device) for s in parse_sizes(sizes)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.shapes", description=__doc__)
     parser.add_argument("sizes", nargs="+", choices=sorted(SHAPES))

@@ -163,6 +163,19 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     return [rows[r] for r in sorted(range(len(rows)), key=lambda r: -used[r])]
 
 
+def packed_passes(
+    lengths: Sequence[int], pack_tokens: int, batch_tokens: int
+) -> list[list[list[int]]]:
+    """Forward passes of packed rows: rows of ``pack_tokens`` (widened to the longest item),
+    as many per pass as ``batch_tokens`` holds (at least one)."""
+    if not lengths:
+        return []
+    width = max(pack_tokens, max(lengths))
+    rows = pack_rows(lengths, width)
+    per_pass = max(1, batch_tokens // width)
+    return [rows[first : first + per_pass] for first in range(0, len(rows), per_pass)]
+
+
 @dataclass(frozen=True, slots=True)
 class PackedBatch:
     """Rows of prompts packed back to back: ``ids``/``positions`` are ``rows x width``;
@@ -190,17 +203,18 @@ def build_packed(seqs: list[list[int]], rows: list[list[int]], pad: int) -> Pack
     width = max(fills)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
-    where = torch.zeros((len(seqs), 3), dtype=torch.long)
+    where = [(0, 0, 0)] * len(seqs)  # (row, start, length) per sequence
     for r, members in enumerate(rows):
         col = 0
         for i in members:
             n = len(seqs[i])
             ids[r, col : col + n] = torch.tensor(seqs[i], dtype=torch.long)
             positions[r, col : col + n] = torch.arange(n)
-            where[i] = torch.tensor([r, col, n])
+            where[i] = (r, col, n)
             col += n
         positions[r, col:] = torch.arange(width - col)  # filler: a sequence of its own
-    return PackedBatch(ids, positions, where[:, 0], where[:, 1], where[:, 2])
+    row, start, length = torch.tensor(where, dtype=torch.long).reshape(-1, 3).unbind(1)
+    return PackedBatch(ids, positions, row, start, length)
 
 
 class TorchBackend(TokenizerText):
@@ -395,13 +409,8 @@ class TorchBackend(TokenizerText):
 
     def _packed_batches(self, encoded: list[list[int]]) -> Iterator[tuple[list[int], PackedBatch]]:
         """(indices into ``encoded``, their packed tensors) per forward pass."""
-        if not encoded:
-            return
-        width = max(self._settings.pack_tokens, max(len(seq) for seq in encoded))
-        rows = pack_rows([len(seq) for seq in encoded], width)
-        per_pass = max(1, self.batch_tokens // width)
-        for first in range(0, len(rows), per_pass):
-            group = rows[first : first + per_pass]
+        lengths = [len(seq) for seq in encoded]
+        for group in packed_passes(lengths, self._settings.pack_tokens, self.batch_tokens):
             members = [i for row in group for i in row]
             local = {i: k for k, i in enumerate(members)}
             seqs = [encoded[i] for i in members]

@@ -34,18 +34,11 @@ from tests.support.vllm_engine import (
     real_engine,
     reference_device,
 )
+from tests.unit.runtime.test_generation import MAX_NEW, QUESTIONS, K
 from tests.unit.runtime.test_vllm_backend import PROSE, TEXTS
 
 pytestmark = [pytest.mark.slow, real_engine()]
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name three colours.",
-    "Write a short poem about a river that runs through an old mill town in winter.",
-    "Explain in detail how a steam engine works, step by step.",
-]
-MAX_NEW = 10
-K = 5
 
 AGREEMENT_NEWS_DOCS = 16
 """Real news documents (the corpus scripts/gpu_check.py scores) scored beside TEXTS."""
