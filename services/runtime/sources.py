@@ -250,6 +250,16 @@ def publish_files(
 
     ckpt = checkpoint or PublishCheckpoint(None)
     report = PublishReport()
+
+    def send(src: SourceFile, samples: list[Sample], start: int) -> None:
+        report.messages += publish(
+            producer, topic, samples, batch_size=batch_size, codec=codec,
+            batch_prefix=f"{src.stem}@{start:08d}-",
+        )  # fmt: skip
+        report.samples += len(samples)
+        if on_samples is not None:
+            on_samples(len(samples))
+
     for src in files:
         skip = ckpt.skip(src)
         if skip is None:
@@ -270,23 +280,11 @@ def publish_files(
             pending.append(sample)
             if len(pending) < batch_size * flush_every:
                 continue
-            report.messages += publish(
-                producer, topic, pending, batch_size=batch_size, codec=codec,
-                batch_prefix=f"{src.stem}@{start:08d}-",
-            )  # fmt: skip
-            report.samples += len(pending)
-            if on_samples is not None:
-                on_samples(len(pending))
+            send(src, pending, start)
             pending, start = [], number
             ckpt.advance(src, number)
         if pending:
-            report.messages += publish(
-                producer, topic, pending, batch_size=batch_size, codec=codec,
-                batch_prefix=f"{src.stem}@{start:08d}-",
-            )  # fmt: skip
-            report.samples += len(pending)
-            if on_samples is not None:
-                on_samples(len(pending))
+            send(src, pending, start)
         ckpt.finish(src)
         report.files += 1
     return report
