@@ -1,16 +1,18 @@
 """Does density sampling improve coverage on real text? Kept share per domain and clusters
 covered, for the density stage vs uniform random vs exact-KDE inverse-density sampling.
 
-``python -m bench.coverage [--rates 0.05,0.1,0.3] [--clusters 100]`` embeds six domains of
-real text of very different sizes (``bench.coverage_corpus``: package docs, the Python
-reference, news, movie reviews, licences, Russian fiction; all from installed packages)
-with the packaged all-MiniLM-L6-v2, runs the density stage on them as ``sluice run`` does
-(``run_bounded``: both passes in process, the default settings, ``sketch.width: auto``),
-and compares at each target rate:
+``python -m bench.coverage [--rates 0.05,0.1,0.3] [--clusters 100] [--sketch K=V ...]``
+embeds six domains of real text of very different sizes (``bench.coverage_corpus``: package
+docs, the Python reference, news, movie reviews, licences, Russian fiction; all from
+installed packages) with the packaged all-MiniLM-L6-v2, runs the density stage on them as
+``sluice run`` does (``run_bounded``: both passes in process, the default settings,
+``sketch.width: auto``; ``--sketch`` overrides a sketch setting), and compares at each
+target rate:
 
 - **random**: uniform sampling at the rate (expected kept share = the rate everywhere);
 - **exact**: inverse-density sampling with the exact KDE of the same kernel (the sketch's
-  chosen width and K), p = min(1, c / density), c calibrated to the rate;
+  chosen width and K), p = min(1, c / density), c calibrated to the rate; like the stage,
+  each text's density is that of the *other* texts (its own k = 1 left out);
 - **sketch**: the stage's own densities and decisions;
 - **gauss**: a reference outside the sketch's reach: inverse-density sampling with an exact
   *Gaussian* KDE, its bandwidth h chosen by the same criterion as ``width: auto`` (the h that
@@ -124,10 +126,17 @@ class Run:
 
 
 def stage_densities(
-    corpus: Corpus, vectors: np.ndarray, rate: float, seed: int
+    corpus: Corpus,
+    vectors: np.ndarray,
+    rate: float,
+    seed: int,
+    sketch: dict[str, str] | None = None,
 ) -> tuple[DensityCore, np.ndarray, np.ndarray]:
-    """The density stage over the corpus, as ``sluice run`` runs it: (core, density, kept)."""
-    settings = DensitySettings(target_rate=rate, seed=seed)  # type: ignore[call-arg]
+    """The density stage over the corpus, as ``sluice run`` runs it: (core, density, kept).
+    ``sketch``: overrides of the stage's ``sketch`` settings (``--sketch K=V``)."""
+    settings = DensitySettings.model_validate(
+        {"target_rate": rate, "seed": seed, "sketch": dict(sketch or {})}
+    )
     core = DensityCore(settings)
     samples = [
         Sample(id=f"t{i}", text=text, embedding=vectors[i].tolist())
@@ -147,7 +156,7 @@ def expected_clusters(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 
 def evaluate(
-    scenario: Scenario, rates: list[float], k: int, seed: int
+    scenario: Scenario, rates: list[float], k: int, seed: int, sketch: dict[str, str] | None = None
 ) -> tuple[list[Run], np.ndarray, str, float]:
     """Every method at every rate: (runs, k-means labels, sketch description, spearman)."""
     from sklearn.cluster import KMeans
@@ -160,18 +169,22 @@ def evaluate(
     spearman = float("nan")
     desc = ""
     for rate in rates:
-        core, dens, kept = stage_densities(corpus, vectors, rate, seed)
+        core, dens, kept = stage_densities(corpus, vectors, rate, seed, sketch)
         params = core.params()
         desc = f"R={params.rows} K={params.hashes_per_row} B={params.buckets} width={params.width}"
         if core.bandwidth is not None:
             desc += f" ({core.bandwidth.rule} on {core.bandwidth.sample} texts)"
-        exact = np.maximum(exact_kde(vectors, vectors, params), 1.0) / n
+        # the stage's semantics for both references: the *other* points' kernel mass
+        # (itself, k = 1, left out), floored where the sketch floors it
+        floor = core.state().sketch.others_floor
+        exact = np.maximum(exact_kde(vectors, vectors, params) - 1.0, floor) / n
+        others = np.maximum(gauss - 1.0, floor) / n
         spearman = float(spearmanr(dens, exact).statistic)
         probs = {
             "random": np.full(n, rate),
             "exact": sampler.keep_probabilities(exact, sampler.calibrate(exact, rate)),
             "sketch": sampler.keep_probabilities(dens, sampler.calibrate(dens, rate)),
-            "gauss": sampler.keep_probabilities(gauss / n, sampler.calibrate(gauss / n, rate)),
+            "gauss": sampler.keep_probabilities(others, sampler.calibrate(others, rate)),
         }
         runs.append(Run(rate, probs, kept))
     return runs, clusters, f"{desc}; gauss h={h:.3f}", spearman
@@ -235,7 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clusters", type=int, default=100, help="k-means clusters")
     ap.add_argument("--dtype", default="auto", help="embedding dtype (auto: bf16 on AMX)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--sketch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sketch setting of the stage (repeatable), e.g. hashes_per_row=16, "
+        "buckets=65536, bandwidth_rule=nn_quantile, bandwidth_kernel=0.01, width=2.0",
+    )
     args = ap.parse_args(argv)
+    overrides = dict(kv.split("=", 1) for kv in args.sketch)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rates = [float(r) for r in args.rates.split(",")]
     key = 0.1 if 0.1 in rates else rates[0]
@@ -251,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for scenario in (six_domain(corpus, vectors), two_domain(corpus, vectors, args.seed)):
         t1 = time.perf_counter()
-        runs, clusters, desc, spearman = evaluate(scenario, rates, args.clusters, args.seed)
+        runs, clusters, desc, spearman = evaluate(
+            scenario, rates, args.clusters, args.seed, overrides
+        )
         print(f"\n== scenario {scenario.name}: {len(scenario.corpus.texts)} texts")
         print(f"sketch: {desc}; {time.perf_counter() - t1:.1f} s for {len(rates)} rates")
         print(f"spearman(sketch density, exact KDE) over all texts: {spearman:.4f}\n")

@@ -16,14 +16,17 @@ stage worker and the local runner all call it. What each mode does with a batch:
   stream so far, re-scored whenever the sketch has grown by 5%. Approximate: early samples
   are judged against a partial picture of the corpus, and a batch does not see itself.
 
-**Density.** density(x) = G(x) / n, where G(x) is the geometric mean over the sketch's R
-rows of x's bucket counts, each floored at 1 (``RaceSketch.estimate_density``): like the
-KDE sum_y k(x, y) that the rows' mean estimates (``RaceSketch.estimate_kde``), the share of
-the corpus "near" x, but with the heavy-tailed row errors damped, so it ranks points like
-the exact KDE far better at the same cost (the method's doc). A point counts itself (every
-row's count includes it), hence the floor of 1, which also keeps keep probabilities finite
-for points far from everything. Online mode scores a point before it is added, so it uses
-the counts + 1 and n + 1: the density the point will have once added.
+**Density.** density(x) = (G(x) - 1) / n, where G(x) is the geometric mean over the
+sketch's R rows of x's bucket counts, each floored at 1 (``RaceSketch.estimate_density``):
+like the KDE sum_y k(x, y) that the rows' mean estimates (``RaceSketch.estimate_kde``), the
+share of the corpus "near" x, but with the heavy-tailed row errors damped, so it ranks
+points like the exact KDE far better at the same cost (the method's doc). A point counts
+itself once in every row; the 1 subtracted is that self-count, so the density is that of
+the *other* points (leave-one-out), floored at 2^(1/R) - 1 (one other point in one row) to
+keep keep probabilities finite for points far from everything. Left in, the self-count
+would pull every density ratio towards 1, most for the sparse points the sampler exists to
+keep. Online mode scores a point before it is added, so it uses the counts + 1 and n + 1:
+the density the point will have once added.
 
 **Decisions** are deterministic per (seed, sample id) (``sampler.decide``): the same
 sample gets the same decision whatever batch, partition or replay it arrives in. A kept
@@ -117,17 +120,17 @@ def checked_name(name: str) -> str:
 
 
 def densities(sketch: RaceSketch, x: np.ndarray) -> np.ndarray:
-    """G(x) / n for points in (or judged as if in) the sketch (the module doc)."""
+    """(G(x) - 1) / n for points in (or judged as if in) the sketch (the module doc)."""
     if sketch.n == 0 or len(x) == 0:
         return np.ones(len(x), dtype=np.float64)
-    return sketch.estimate_density(x) / sketch.n
+    return sketch.estimate_density(x, exclude_self=True) / sketch.n
 
 
 def densities_before_add(sketch: RaceSketch, x: np.ndarray) -> np.ndarray:
-    """G+1(x) / (n + 1): the density of points not yet added (online mode)."""
+    """(G+1(x) - 1) / (n + 1): the density of points not yet added (online mode)."""
     if sketch.n == 0 or len(x) == 0:
         return np.ones(len(x), dtype=np.float64)
-    return sketch.estimate_density(x, plus_one=True) / (sketch.n + 1)
+    return sketch.estimate_density(x, plus_one=True, exclude_self=True) / (sketch.n + 1)
 
 
 class DensityCore:
@@ -266,9 +269,10 @@ class DensityCore:
         """Lineage identifier: embedding model + sketch fingerprint (+ version)."""
         parts = [self.embedding_model]
         if state is not None:
-            # "-gm": densities are the rows' geometric mean (estimate_density), so a release
-            # that changes the reduction changes the version, and with it the batch ids.
-            parts.append(f"race-{state.fingerprint[:12]}-w{state.sketch.params.width:g}-gm")
+            # "-gmx": densities are the rows' geometric mean with x itself excluded
+            # (estimate_density), so a release that changes the reduction changes the
+            # version, and with it the batch ids.
+            parts.append(f"race-{state.fingerprint[:12]}-w{state.sketch.params.width:g}-gmx")
             if state.version is not None:
                 parts.append(f"v{state.version}")
         return "/".join(parts)

@@ -373,10 +373,14 @@ class RaceSketch:
             out -= 1.0
         return out
 
-    def estimate_density(self, x: np.ndarray, *, plus_one: bool = False) -> np.ndarray:
-        """(N,) float64: the geometric mean over rows of x's bucket counts, each floored at 1
-        (``plus_one=True``: of count + 1, as if x were added first). The density stage ranks
-        and samples by this, not by the mean.
+    def estimate_density(
+        self, x: np.ndarray, *, plus_one: bool = False, exclude_self: bool = False
+    ) -> np.ndarray:
+        """(N,) float64: the geometric mean G over rows of x's bucket counts, each floored at
+        1 (``plus_one=True``: of count + 1, as if x were added first). ``exclude_self=True``
+        gives G - 1, floored at ``others_floor``: the *other* points near x, for a point that
+        is in the sketch (or, with ``plus_one``, about to be). The density stage ranks and
+        samples by this, not by the mean.
 
         Why: a row's count is a product-like quantity (x's cell must catch its neighbours
         in all K projections at once), so its error is multiplicative and heavy-tailed: a
@@ -388,6 +392,12 @@ class RaceSketch:
         with the exact KDE 0.95 against the mean's 0.90, at the same hashing cost (the
         counts are the same; only the reduction over R differs). The rehash background n/B
         stays in (subtracting it before the log amplifies the noise of sparse points).
+
+        Why exclude x itself: every point counts itself once in every row, a constant 1 that
+        compresses every ratio of densities towards 1 (a point with 0.2 others' worth of
+        kernel mass and one with 2 read 1.2 and 3, not 0.2 and 2), most for the sparse
+        points inverse-density sampling exists to keep. On ``bench.coverage``'s two-domain
+        corpus it lifts the rare domain's kept share from 1.47x to ~1.64x the random rate.
         """
         flat = torch.from_numpy(self.counts).view(-1)
         if self.tensor_counts:
@@ -408,7 +418,16 @@ class RaceSketch:
                 prod[: len(part)] *= part
             logs = prod.log_().sum(dim=0)
             out[start : start + ids.shape[1]] = logs.div_(rows).exp_().cpu().numpy()
+        if exclude_self:
+            np.maximum(out - 1.0, self.others_floor, out=out)
         return out
+
+    @property
+    def others_floor(self) -> float:
+        """2^(1/R) - 1: the least positive value of G - 1 (one other point in one row), the
+        floor of ``estimate_density(exclude_self=True)``: a point alone in every row reads
+        as if it had that much company, so 1 / density stays finite."""
+        return float(2.0 ** (1.0 / self.params.rows) - 1.0)
 
     def estimate_kde(self, x: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
         """``score`` with the rehash bias removed: an unbiased estimate of sum_y k(x, y).

@@ -238,27 +238,36 @@ def test_merge_bytes_checks_identity_and_tracks_calibration(data: Mixture) -> No
         core.merge_bytes("a", b"not a sketch")
 
 
-def test_density_is_a_fraction_floored_at_the_point_itself() -> None:
+def test_density_is_the_others_fraction_floored_at_one_neighbour_in_one_row() -> None:
     sketch = RaceSketch(SketchParams(dim=8))
     x = np.eye(8, dtype=np.float32)
     sketch.add(x)
     d = densities(sketch, x)
-    assert np.all(d >= 1 / 8) and np.all(d <= 1)
+    floor = sketch.others_floor / 8
+    assert np.all(d >= floor) and np.all(d <= 7 / 8)
+    # far-apart points: most rows hold a point alone, so it reads (close to) the floor,
+    # not the 1/n its own count would give
+    assert np.median(d) < 0.5 / 8
+    alone = RaceSketch(SketchParams(dim=8))
+    alone.add(x[:1])
+    np.testing.assert_allclose(densities(alone, x[:1]), alone.others_floor)
     np.testing.assert_array_equal(densities(RaceSketch(SketchParams(dim=8)), x), 1.0)
 
 
-def test_the_stage_density_is_the_sketch_geometric_estimate_over_n() -> None:
-    """The stage samples by the geometric mean of row counts, not by their mean (which
-    ranks worse against exact KDE where row counts are heavy-tailed: docs/density.md)."""
+def test_the_stage_density_is_the_sketch_geometric_estimate_without_itself_over_n() -> None:
+    """The stage samples by the geometric mean of row counts less the point's own count,
+    not by their mean (which ranks worse against exact KDE where row counts are
+    heavy-tailed: docs/density.md)."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((300, 8)).astype(np.float32)
     sketch = RaceSketch(SketchParams(dim=8, rows=32, hashes_per_row=2, buckets=64, width=2.0))
     sketch.add(x)
-    np.testing.assert_allclose(densities(sketch, x[:50]), sketch.estimate_density(x[:50]) / 300)
+    g = sketch.estimate_density(x[:50])
+    np.testing.assert_allclose(densities(sketch, x[:50]), (g - 1.0) / 300)
     assert not np.allclose(densities(sketch, x[:50]), sketch.estimate_kde(x[:50]) / 300)
     np.testing.assert_allclose(
         densities_before_add(sketch, x[:50]),
-        sketch.estimate_density(x[:50], plus_one=True) / 301,
+        (sketch.estimate_density(x[:50], plus_one=True) - 1.0) / 301,
     )
 
 

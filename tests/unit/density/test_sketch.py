@@ -167,6 +167,18 @@ def test_the_density_estimate_is_the_geometric_mean_of_row_counts() -> None:
     on_device = RaceSketch(SMALL, sketch.counts, tensor_counts=True)
     np.testing.assert_allclose(on_device.estimate_density(q), expected, rtol=1e-12)
     assert np.all(sketch.estimate_density(x[:40]) <= sketch.score(x[:40]) + 1e-9)
+    # without the point itself: G - 1, floored at one other point in one row
+    floor = 2.0 ** (1 / 16) - 1.0
+    assert sketch.others_floor == pytest.approx(floor)
+    np.testing.assert_allclose(
+        sketch.estimate_density(q, exclude_self=True), np.maximum(expected - 1.0, floor)
+    )
+    np.testing.assert_allclose(
+        sketch.estimate_density(q, plus_one=True, exclude_self=True),
+        np.maximum(as_if_added - 1.0, floor),
+    )
+    lone = sketch_of(SMALL, x[:1])  # alone in every row: G = 1, so it reads the floor
+    np.testing.assert_allclose(lone.estimate_density(x[:1], exclude_self=True), floor)
 
 
 def test_a_lone_point_scores_itself_once() -> None:
