@@ -667,17 +667,21 @@ class StageWorker:
         return producer.send(self.settings.dead_letter_topic, value=value, key=key, headers=headers)
 
     def _update_lag(self, consumer: KafkaConsumer) -> None:
-        for tp in consumer.assignment():
-            hw = consumer.highwater(tp)
-            if hw is None:
-                continue
-            try:
-                pos = consumer.position(tp, timeout_ms=100)
-            except Exception:  # position unknown while rebalancing
-                continue
-            self.metrics.consumer_lag.labels(self.stage, tp.topic, str(tp.partition)).set(
-                max(0, hw - pos)
-            )
+        record_lag(self.metrics, self.stage, consumer)
+
+
+def record_lag(metrics: StageMetrics, stage: str, consumer: KafkaConsumer) -> None:
+    """Set ``sluice_stage_consumer_lag`` (high watermark - position) for every partition the
+    consumer holds whose high watermark the last fetch reported."""
+    for tp in consumer.assignment():
+        hw = consumer.highwater(tp)
+        if hw is None:
+            continue
+        try:
+            pos = consumer.position(tp, timeout_ms=100)
+        except Exception:  # position unknown while rebalancing
+            continue
+        metrics.consumer_lag.labels(stage, tp.topic, str(tp.partition)).set(max(0, hw - pos))
 
 
 def topic_message_limit(settings: KafkaSettings, topics: Iterable[str]) -> int:

@@ -6,7 +6,8 @@ topic and of every ``count_topics`` topic), not through a group rebalance: a SIG
 restarted with the same ``writer_id`` owns the same partitions at once, without waiting for
 the broker to expire its old membership, and where it resumes is read from the manifests
 (``ShardWriter.recover``). After each manifest the offsets are also committed to the
-consumer group, for lag metrics and the operator only; they are never read back.
+consumer group, for lag metrics and the operator only; they are never read back. After
+every poll it sets ``sluice_stage_consumer_lag`` like every stage worker.
 
 A record that cannot be decoded is skipped (counted in
 ``sluice_stage_dead_letters_total{reason}``, logged with its position); its offset is still
@@ -27,6 +28,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from services.runtime.codec import BatchCodec
 from services.runtime.errors import SluiceError, Unavailable
+from services.runtime.kafka_stage import record_lag
 from services.runtime.metrics import StageMetrics
 from services.runtime.stage import StageCore
 from services.sink.core import Manifest
@@ -127,6 +129,7 @@ class SinkWorker:
             )
             while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=self.settings.kafka.poll_timeout_ms)
+                record_lag(self.metrics, STAGE, consumer)
                 for tp, records in polled.items():
                     for rec in records:
                         self._handle(tp, rec)

@@ -169,6 +169,9 @@ def test_every_dashboard_query_returns_data(
             time.sleep(2)
         logs = "".join(f"\n--- {f.name}\n{f.read_text()[-2000:]}" for f in (dedup_log, sink_log))
         assert not missing, "dashboard queries without data:\n" + "\n".join(missing) + logs
+        # The lag panel covers the sink too (its own Kafka loop sets the stage gauge).
+        lag = _query(prom.address, 'sluice_stage_consumer_lag{stage="sink"}')
+        assert {r["metric"].get("topic") for r in lag} >= {out}, lag
         # Dedup's panels break duplicates down by the level that found them: both planted.
         for title, expr in _queries():
             if "sluice_dedup_duplicates_total" in expr:
