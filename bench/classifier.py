@@ -1,12 +1,14 @@
 """How well a cheap student learns an expensive teacher, and how much cheaper it is.
 
-``python -m bench.classifier [--n N] [--teacher-model M] [--max-tokens T] [--hidden H]``:
+``python -m bench.classifier [--n N] [--teacher-model M] [--teacher-examples builtin]
+[--max-tokens T] [--hidden H]``:
 
 1. a corpus of short texts: the first ~60 words of real news documents (gensim's Lee
    corpus), the single-line technical paragraphs of ``bench.paragraphs``, and junk made
    from both (spam, navigation, gibberish, repeats, shuffled words);
-2. the teacher, Ask-LLM with the packaged model on CPU (configurable), scores all of them
-   (P(yes), timed);
+2. the teacher, Ask-LLM with the packaged model on CPU (configurable; ``--teacher-examples
+   builtin`` adds the four few-shot turns of ``ask_llm.examples: builtin``), scores all of
+   them (P(yes), timed);
 3. the student (frozen all-MiniLM-L6-v2 + a torch head) is trained on a stratified share
    of the teacher's labels (kept = P(yes) above its median) and evaluated on the rest:
    ROC AUC against the teacher's labels, agreement, Spearman with the teacher's scores;
@@ -64,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=240, help="texts the teacher labels")
     ap.add_argument("--teacher-model", default=ModelSettings().model)
     ap.add_argument("--teacher-backend", default="torch")
+    ap.add_argument(
+        "--teacher-examples",
+        default="none",
+        help="Ask-LLM few-shot examples: 'none' (the paper's zero-shot prompt) or 'builtin'",
+    )
     ap.add_argument("--max-tokens", type=int, default=96, help="tokens of each text either reads")
     ap.add_argument("--embedding-model", default="packaged:all-minilm-l6-v2")
     ap.add_argument("--hidden", type=int, default=0, help="MLP hidden units (0 = linear head)")
@@ -76,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.model.model = args.teacher_model
     settings.model.backend = args.teacher_backend
     settings.model.max_tokens = args.max_tokens
+    if args.teacher_examples != "none":
+        settings.ask_llm.examples = args.teacher_examples
     core = ScoringCore(settings)
     core.backend  # load outside the timing  # noqa: B018
     core.score([Sample(id="warm", text=texts[0])], apply_policy=False)
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     real = np.array([k == "real" for k in kinds])
     print(
-        f"teacher: Ask-LLM {core.model_version} (max_tokens {args.max_tokens}); student: "
+        f"teacher: Ask-LLM {core.model_version} (max_tokens {args.max_tokens}, examples "
+        f"{args.teacher_examples}); student: "
         f"{embedder.model_version} + {'linear' if not args.hidden else f'MLP {args.hidden}'} head"
     )
     print(

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 
 from services.runtime.backends.base import Lazy, LMBackend
 from services.runtime.domain import Action, LineageEvent, Outcome, Sample
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import ConfigError, InvalidArgument
 from services.runtime.stage import StageObserver
 from services.scoring.heuristics import HeuristicFilter
 from services.scoring.prompts import (
     answer_token_ids,
     build_ask_llm_prompt,
+    few_shot_history,
     normalized_yes_probability,
 )
 from services.scoring.quantile import TopFractionFilter
@@ -55,6 +56,7 @@ class ScoringCore:
         self.heuristics = HeuristicFilter(settings.heuristics)
         self._backend = Lazy(backend, "next_token_logprobs", self._default_backend)
         self._answer_ids: tuple[list[int], list[int]] | None = None
+        self._history: list[tuple[str, str]] | None = None
         self._classifier: QualityClassifier | None = classifier
         self._filters = self.new_filters()
         # Cumulative seconds per step, for run reports (not for decisions).
@@ -119,6 +121,13 @@ class ScoringCore:
             parts.append(f"classifier:{self.classifier.version}")
         if any(s in LLM_STEPS for s in steps):
             parts.append(self.backend.model_version)
+        if "ask_llm" in steps:
+            # The prompt is checked against the backend's limit where its version is first
+            # read: at worker start, before any batch (a batch would only dead-letter).
+            self._few_shot_history()
+            prompt = self.settings.ask_llm.prompt_version()
+            if prompt:  # another question or examples: other decisions
+                parts.append(prompt)
         return "+".join(parts) or "heuristics"
 
     def resolve_steps(self, requested: Sequence[str]) -> list[Step]:
@@ -222,10 +231,10 @@ class ScoringCore:
             self._answer_ids = answer_token_ids(be)
         yes, no = self._answer_ids
         budget = self.settings.model.max_tokens
+        question = self.settings.ask_llm.question
+        history = self._few_shot_history()
         prompts = [
-            be.render_chat(
-                build_ask_llm_prompt(be.truncate(s.content, budget), self.settings.ask_llm.question)
-            )
+            be.render_chat(build_ask_llm_prompt(be.truncate(s.content, budget), question), history)
             for s in batch
         ]
         lp = be.next_token_logprobs(prompts, yes + no)
@@ -233,6 +242,30 @@ class ScoringCore:
         for s, v in zip(batch, probs, strict=True):
             s.scores["ask_llm"] = float(v)
         return [float(v) for v in probs]
+
+    def _few_shot_history(self) -> list[tuple[str, str]]:
+        """The Ask-LLM examples as chat turns, built and checked once: a sample of
+        ``max_tokens`` after them must fit the backend's prompt limit, else every batch would
+        be refused, so too long examples are a configuration error, said up front."""
+        if self._history is None:
+            be, a = self.backend, self.settings.ask_llm
+            budget = self.settings.model.max_tokens
+            history = few_shot_history(
+                [(be.truncate(text, budget), answer) for text, answer in a.example_pairs()],
+                a.question,
+            )
+            longest = build_ask_llm_prompt("x" * 8, a.question)
+            need = be.count_tokens([be.render_chat(longest, history)])[0] + budget
+            limit = be.max_prompt_tokens
+            if need > limit:
+                raise ConfigError(
+                    f"ask_llm.examples and question take {need - budget} tokens around a "
+                    f"{budget}-token sample, over the prompt limit of {limit}: raise "
+                    f"model.prompt_margin_tokens to at least "
+                    f"{need - budget}, or use fewer or shorter examples"
+                )
+            self._history = history
+        return self._history
 
     def _apply(self, step: str, scores: list[float], filters: Filters) -> list[str]:
         pol = self._policy(step)

@@ -21,6 +21,35 @@ ASK_LLM_QUESTION = (
 
 ASK_LLM_TEMPLATE = "###\n{text}\n###\n\n{question}\n\nOPTIONS:\n- yes\n- no"
 
+BUILTIN_EXAMPLES: tuple[tuple[str, str], ...] = (
+    (
+        "Photosynthesis converts light energy into chemical energy. In plants it takes place "
+        "in chloroplasts, where chlorophyll absorbs light and drives the synthesis of glucose "
+        "from carbon dioxide and water.",
+        "yes",
+    ),
+    (
+        "Click here to buy cheap watches!!! Best prices best prices free shipping click here "
+        "now limited offer buy now",
+        "no",
+    ),
+    (
+        "The TCP three-way handshake opens a connection: the client sends SYN, the server "
+        "answers with SYN-ACK, and the client acknowledges with ACK before any data flows.",
+        "yes",
+    ),
+    (
+        "Home | About | Contact | Login | Register | Privacy Policy | Terms of Service | "
+        "Sitemap | Home | Login",
+        "no",
+    ),
+)
+"""``ask_llm.examples: builtin``: four few-shot turns, informative prose (yes) alternating
+with spam and navigation boilerplate (no), none of them from any benchmark's data. A small
+judge reads the paper's zero-shot prompt poorly (the packaged 135M ranks junk above prose);
+these turns show it what the question means (``python -m bench.classifier --teacher-examples
+builtin``: AUC real vs junk 0.44 -> 0.61) at ~2.5x the prompt length."""
+
 # Surface forms of the two answers whose probabilities are pooled.
 YES_VARIANTS: tuple[str, ...] = ("yes", " yes", "Yes", " Yes", "YES", " YES")
 NO_VARIANTS: tuple[str, ...] = ("no", " no", "No", " No", "NO", " NO")
@@ -35,6 +64,14 @@ class TokenEncoder(Protocol):
 def build_ask_llm_prompt(text: str, question: str = ASK_LLM_QUESTION) -> str:
     """The user message for one sample (before any chat template)."""
     return ASK_LLM_TEMPLATE.format(text=text.strip(), question=question)
+
+
+def few_shot_history(
+    examples: Sequence[tuple[str, str]], question: str = ASK_LLM_QUESTION
+) -> list[tuple[str, str]]:
+    """(user message, answer) turns for few-shot examples: each example's text in the same
+    prompt as the sample's, its answer ('yes' or 'no') as the assistant's reply."""
+    return [(build_ask_llm_prompt(text, question), answer) for text, answer in examples]
 
 
 def answer_token_ids(

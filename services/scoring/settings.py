@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -11,7 +13,7 @@ from services.runtime.objectstore import ObjectStoreSettings
 from services.runtime.settings import StrictModel
 from services.runtime.stage import StageSettings
 from services.scoring.heuristics import HeuristicSettings
-from services.scoring.prompts import ASK_LLM_QUESTION
+from services.scoring.prompts import ASK_LLM_QUESTION, BUILTIN_EXAMPLES
 
 Step = Literal["heuristics", "classifier", "perplexity", "ask_llm"]
 # The order steps run in, cheapest first: rules drop obvious junk before any
@@ -38,17 +40,46 @@ class SignalPolicy(StrictModel):
     top_fraction: float = Field(0.5, gt=0, le=1, description="For 'top_fraction': share kept.")
 
 
+class AskLLMExample(StrictModel):
+    """One few-shot turn: a text and the judge's answer to it."""
+
+    text: str = Field(..., min_length=1, description="The example text (fenced like a sample).")
+    answer: Literal["yes", "no"] = Field(..., description="The answer shown for it.")
+
+
 class AskLLMSettings(StrictModel):
-    """Ask-LLM: the question and the keep policy."""
+    """Ask-LLM: the question, few-shot examples and the keep policy."""
 
     question: str = Field(
         ASK_LLM_QUESTION, description="The question after the ### fences (the paper's by default)."
+    )
+    examples: list[AskLLMExample] | Literal["builtin"] = Field(
+        default_factory=list,
+        description="Few-shot turns before each sample (same prompt, then the answer): [] for "
+        "the paper's zero-shot prompt, 'builtin' for four generic ones "
+        "(services.scoring.prompts.BUILTIN_EXAMPLES), or a list of {text, answer}. They count "
+        "against model.prompt_margin_tokens, and change the model version in lineage.",
     )
     policy: SignalPolicy = Field(
         default_factory=lambda: SignalPolicy(mode="annotate"),
         description="Default 'annotate': the packaged 135M model does not separate good text "
         "from junk (see README); set 'threshold'/'top_fraction' with a 2B+ instruct model.",
     )
+
+    def example_pairs(self) -> list[tuple[str, str]]:
+        """The examples as (text, answer) pairs."""
+        if self.examples == "builtin":
+            return list(BUILTIN_EXAMPLES)
+        return [(e.text, e.answer) for e in self.examples]
+
+    def prompt_version(self) -> str:
+        """'' for the paper's zero-shot prompt, else 'prompt-<digest>' of the question and
+        examples: what lineage and batch ids add to the model's version."""
+        pairs = self.example_pairs()
+        if self.question == ASK_LLM_QUESTION and not pairs:
+            return ""
+        doc = json.dumps([self.question, pairs], separators=(",", ":"))
+        return "prompt-" + hashlib.blake2b(doc.encode(), digest_size=4).hexdigest()
 
 
 class PerplexitySettings(StrictModel):

@@ -13,7 +13,7 @@ internally (length bucketing, token budget; continuous batching on vLLM).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -44,6 +44,14 @@ class ModelSettings(StrictModel):
     )
     max_tokens: int = Field(
         512, ge=8, description="Token budget per sample: longer texts are truncated (head kept)."
+    )
+    prompt_margin_tokens: int = Field(
+        768,
+        ge=0,
+        description="Tokens a scoring prompt may hold on top of max_tokens of sample text: the "
+        "Ask-LLM fences, question and chat template (~110 with SmolLM2's), and any few-shot "
+        "examples ('builtin': ~570 in all). A longer prompt is refused, never cut (its end "
+        "holds the question).",
     )
     batch_tokens: int = Field(
         0,
@@ -182,9 +190,16 @@ class LMBackend(Protocol):
     @property
     def has_chat_template(self) -> bool: ...
 
-    def render_chat(self, user_message: str) -> str:
-        """The prompt string for one user turn, with the generation prompt appended.
-        Models without a chat template get the message unchanged."""
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Longest prompt ``next_token_logprobs`` accepts (max_tokens + prompt margin)."""
+        ...
+
+    def render_chat(self, user_message: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        """The prompt string for one user turn after ``history`` ((user, assistant) turns,
+        e.g. few-shot examples), with the generation prompt appended. Models without a
+        chat template get the turns as plain text, each answer on the line after its
+        message, and the message last."""
         ...
 
     def token_ids(self, text: str) -> list[int]:

@@ -7,6 +7,7 @@ generations at stop strings alike; they both inherit this instead of keeping two
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from services.runtime.errors import InvalidArgument
@@ -30,13 +31,18 @@ class TokenizerText:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tokenizer, "chat_template", None))
 
-    def render_chat(self, user_message: str) -> str:
+    def render_chat(self, user_message: str, history: Sequence[tuple[str, str]] = ()) -> str:
         if not self.has_chat_template:
-            return user_message
+            return "".join(f"{user}\n{answer}\n\n" for user, answer in history) + user_message
+        messages = []
+        for user, answer in history:
+            messages += [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": answer},
+            ]
+        messages.append({"role": "user", "content": user_message})
         rendered = self._tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}],
-            tokenize=False,
-            add_generation_prompt=True,
+            messages, tokenize=False, add_generation_prompt=True
         )
         return str(rendered)
 

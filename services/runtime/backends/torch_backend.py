@@ -69,10 +69,6 @@ from services.runtime.errors import ConfigError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
-PROMPT_MARGIN_TOKENS = 384
-"""Room for the Ask-LLM question and chat template on top of ``max_tokens`` of sample text.
-A prompt longer than ``max_tokens + PROMPT_MARGIN_TOKENS`` is refused, never cut: its end
-holds the question, and a prompt cut at the end would be scored for the wrong question."""
 
 HEAD_CHUNK_BYTES = 64 * 1024 * 1024
 """Upper bound of one float32 logits chunk in ``sequence_nll`` (rows x vocab x 4 bytes)."""
@@ -295,8 +291,11 @@ class TorchBackend(TokenizerText):
 
     @property
     def max_prompt_tokens(self) -> int:
-        """Longest prompt ``next_token_logprobs`` accepts (see PROMPT_MARGIN_TOKENS)."""
-        limit = self._settings.max_tokens + PROMPT_MARGIN_TOKENS
+        """Longest prompt ``next_token_logprobs`` accepts: ``max_tokens`` of sample text plus
+        ``prompt_margin_tokens`` for the question, template and examples. A longer prompt is
+        refused, never cut: its end holds the question, and a prompt cut at the end would be
+        scored for the wrong question."""
+        limit = self._settings.max_tokens + self._settings.prompt_margin_tokens
         return min(limit, self._max_positions) if self._max_positions else limit
 
     # -- scoring ----------------------------------------------------------------------------

@@ -91,10 +91,6 @@ class VLLMBackend(TokenizerText):
         import vllm
         from transformers import AutoConfig, AutoTokenizer
 
-        # Lazy: the torch backend module imports torch/transformers, which this module's
-        # own import must not pay for (vLLM brings them along anyway).
-        from services.runtime.backends.torch_backend import PROMPT_MARGIN_TOKENS
-
         self._sampling_params: Any = vllm.SamplingParams
         _require_logprob_token_ids(self._sampling_params, getattr(vllm, "__version__", "?"))
         self._settings = settings
@@ -111,12 +107,11 @@ class VLLMBackend(TokenizerText):
 
         # Room for the longest prompt next_token_logprobs accepts plus the generated tokens
         # (1 for scoring); a short max_model_len keeps vLLM's KV-cache reservation small.
-        wanted = settings.max_tokens + PROMPT_MARGIN_TOKENS + settings.generation_tokens
+        margin = settings.prompt_margin_tokens
+        wanted = settings.max_tokens + margin + settings.generation_tokens
         positions = getattr(text_config, "max_position_embeddings", None)
         self._max_model_len = min(wanted, int(positions)) if positions else wanted
-        self._max_prompt_tokens = min(
-            settings.max_tokens + PROMPT_MARGIN_TOKENS, self._max_model_len - 1
-        )
+        self._max_prompt_tokens = min(settings.max_tokens + margin, self._max_model_len - 1)
 
         log.info(
             "loading %s from %s in vLLM %s (dtype %s, max_model_len %d)",

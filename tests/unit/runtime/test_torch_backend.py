@@ -26,6 +26,7 @@ from services.runtime.backends.models import (
     PackagedModel,
     resolve_model,
 )
+from services.runtime.backends.text import TokenizerText
 from services.runtime.backends.torch_backend import (
     TorchBackend,
     cpu_has_native_bf16,
@@ -165,6 +166,22 @@ def test_chat_template_wraps_the_user_message(backend: TorchBackend) -> None:
     assert backend.model_version == "smollm2-135m-instruct@fp32"
     yes, no = answer_token_ids(backend)
     assert yes and no and not set(yes) & set(no)
+
+
+@pytest.mark.slow
+def test_chat_history_turns_come_before_the_message(backend: TorchBackend) -> None:
+    history = [("first question", "yes"), ("second question", "no")]
+    rendered = backend.render_chat("the sample", history)
+    at = [rendered.index(part) for part in ("first question", "yes", "second question", "no")]
+    assert at == sorted(at) and rendered.index("the sample") > at[-1]
+    # each answer is an assistant turn, then the generation prompt for the sample
+    assert rendered.count("<|im_start|>assistant") == 3
+    assert rendered.rstrip().endswith("assistant")
+    assert backend.render_chat("the sample", ()) == backend.render_chat("the sample")
+    # without a chat template: plain text, each answer on the line after its message
+    plain = TokenizerText()
+    plain._tokenizer = type("NoTemplate", (), {"chat_template": None})()
+    assert plain.render_chat("q3", history) == "first question\nyes\n\nsecond question\nno\n\nq3"
 
 
 @pytest.mark.slow

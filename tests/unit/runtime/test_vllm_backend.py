@@ -39,7 +39,7 @@ import torch
 from services.runtime.backends import vllm_backend
 from services.runtime.backends.base import NLL, ModelSettings
 from services.runtime.backends.factory import create_backend
-from services.runtime.backends.torch_backend import PROMPT_MARGIN_TOKENS, TorchBackend
+from services.runtime.backends.torch_backend import TorchBackend
 from services.runtime.backends.vllm_backend import (
     INSTALL_HINT,
     VLLMBackend,
@@ -282,9 +282,9 @@ def test_engine_is_configured_for_raw_logprobs(fake_backend: VLLMBackend) -> Non
     assert kwargs["model"] == kwargs["tokenizer"] == fake_backend.resolved.path
     assert kwargs["logprobs_mode"] == "raw_logprobs"
     assert kwargs["dtype"] == "float32"
-    assert kwargs["max_model_len"] == MAX_TOKENS + PROMPT_MARGIN_TOKENS + 1
+    assert kwargs["max_model_len"] == MAX_TOKENS + ModelSettings().prompt_margin_tokens + 1
     assert kwargs["max_logprobs"] >= 20
-    assert fake_backend.max_prompt_tokens == MAX_TOKENS + PROMPT_MARGIN_TOKENS
+    assert fake_backend.max_prompt_tokens == MAX_TOKENS + ModelSettings().prompt_margin_tokens
     assert fake_backend.model_version == "smollm2-135m-instruct@fp32+vllm"
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from scripts.gpu_check import NLL_PER_TOKEN_TOLERANCE, P_YES_TOLERANCE, load_texts
 from services.runtime.backends.base import NLL, GenerationParams, ModelSettings
-from services.runtime.backends.torch_backend import PROMPT_MARGIN_TOKENS, TorchBackend
+from services.runtime.backends.torch_backend import TorchBackend
 from services.runtime.backends.vllm_backend import VLLMBackend
 from services.scoring.prompts import (
     answer_token_ids,
@@ -167,4 +167,4 @@ def test_real_backend_identity(real_vllm: VLLMBackend) -> None:
     short = {"bfloat16": "bf16", "float32": "fp32"}[engine_dtype()]
     assert real_vllm.model_version == f"smollm2-135m-instruct@{short}+vllm"
     assert real_vllm.has_chat_template
-    assert real_vllm.max_prompt_tokens == REAL_MAX_TOKENS + PROMPT_MARGIN_TOKENS
+    assert real_vllm.max_prompt_tokens == REAL_MAX_TOKENS + ModelSettings().prompt_margin_tokens

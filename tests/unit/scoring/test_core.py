@@ -8,8 +8,9 @@ import pytest
 from gensim.test.utils import datapath
 
 from services.runtime.domain import Action, Sample, step_counts
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import ConfigError, InvalidArgument
 from services.scoring.core import ScoringCore
+from services.scoring.prompts import BUILTIN_EXAMPLES
 from services.scoring.settings import ScoringSettings, SignalPolicy
 
 DOCS = [
@@ -90,6 +91,58 @@ def test_llm_steps_score_and_apply_policies(torch_backend) -> None:  # type: ign
     # annotate-only: scores without drops
     outcomes = core.score([Sample(id="s", text=shuffled)], ["perplexity"], apply_policy=False)
     assert outcomes[0].kept and outcomes[0].sample.scores["perplexity"] > 200
+
+
+def test_few_shot_examples_precede_each_sample_and_version_the_decisions(torch_backend) -> None:  # type: ignore[no-untyped-def]
+    zero = ScoringCore(ScoringSettings(steps=["ask_llm"]), backend=torch_backend)
+    settings = ScoringSettings.model_validate(
+        {"steps": ["ask_llm"], "ask_llm": {"examples": "builtin"}}
+    )
+    few = ScoringCore(settings, backend=torch_backend)
+    assert "prompt-" not in zero.model_version
+    assert few.model_version.startswith(zero.model_version + "+prompt-")
+    other = ScoringCore(
+        ScoringSettings.model_validate(
+            {
+                "steps": ["ask_llm"],
+                "ask_llm": {"examples": [{"text": "Water boils.", "answer": "yes"}]},
+            }
+        ),
+        backend=torch_backend,
+    )
+    assert other.model_version not in (zero.model_version, few.model_version)
+
+    seen: list[str] = []
+    score = torch_backend.next_token_logprobs
+
+    def spy(prompts, ids):  # type: ignore[no-untyped-def]
+        seen.extend(prompts)
+        return score(prompts, ids)
+
+    torch_backend.next_token_logprobs = spy
+    try:
+        sample = [Sample(id="s", text=DOCS[1])]
+        p_zero = zero.score(sample, apply_policy=False)[0].sample.scores["ask_llm"]
+        p_few = few.score(sample, apply_policy=False)[0].sample.scores["ask_llm"]
+    finally:
+        del torch_backend.next_token_logprobs
+    prompt = seen[-1]
+    texts = [text for text, _ in BUILTIN_EXAMPLES]
+    at = [prompt.index(t) for t in texts]
+    assert at == sorted(at) and prompt.index(DOCS[1][:40]) > at[-1]
+    assert prompt.count("<|im_start|>assistant") == len(BUILTIN_EXAMPLES) + 1
+    assert BUILTIN_EXAMPLES[0][0] not in seen[0]  # the zero-shot prompt has none
+    assert p_zero != pytest.approx(p_few, abs=1e-4)  # the examples change what it reads
+
+
+def test_examples_too_long_for_the_prompt_margin_are_refused_up_front(torch_backend) -> None:  # type: ignore[no-untyped-def]
+    long = {"text": " ".join(DOCS[:3]), "answer": "yes"}
+    settings = ScoringSettings.model_validate(
+        {"steps": ["ask_llm"], "ask_llm": {"examples": [long, long, long]}}
+    )
+    core = ScoringCore(settings, backend=torch_backend)
+    with pytest.raises(ConfigError, match="prompt_margin_tokens"):
+        core.model_version  # noqa: B018  (read at worker start, before any batch)
 
 
 @pytest.mark.slow
