@@ -442,7 +442,13 @@ def fake_vllm(backend: TorchBackend) -> Iterator[VLLMBackend]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "vllm", fake)
         yield VLLMBackend(
-            settings(backend="vllm", dtype="float32", max_tokens=64, generation_tokens=32)
+            settings(
+                backend="vllm",
+                dtype="float32",
+                max_tokens=64,
+                prompt_margin_tokens=384,
+                generation_tokens=32,
+            )
         )
 
 
