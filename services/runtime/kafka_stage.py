@@ -406,7 +406,7 @@ class StageWorker:
                     timeout_ms=self.settings.poll_timeout_ms,
                     max_records=self.settings.max_poll_records,
                 )
-                self._update_lag(consumer)
+                record_lag(self.metrics, self.stage, consumer)
                 if polled:
                     last_data = time.monotonic()
                     if not self.exactly_once:
@@ -665,9 +665,6 @@ class StageWorker:
             value = original[: max(0, room)]
             headers.append((H_DLQ_TRUNCATED, b"true"))
         return producer.send(self.settings.dead_letter_topic, value=value, key=key, headers=headers)
-
-    def _update_lag(self, consumer: KafkaConsumer) -> None:
-        record_lag(self.metrics, self.stage, consumer)
 
 
 def record_lag(metrics: StageMetrics, stage: str, consumer: KafkaConsumer) -> None:
