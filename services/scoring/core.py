@@ -254,8 +254,8 @@ class ScoringCore:
                 [(be.truncate(text, budget), answer) for text, answer in a.example_pairs()],
                 a.question,
             )
-            longest = build_ask_llm_prompt("x" * 8, a.question)
-            need = be.count_tokens([be.render_chat(longest, history)])[0] + budget
+            placeholder = build_ask_llm_prompt("x" * 8, a.question)  # ~2 tokens of sample
+            need = be.count_tokens([be.render_chat(placeholder, history)])[0] + budget
             limit = be.max_prompt_tokens
             if need > limit:
                 raise ConfigError(
