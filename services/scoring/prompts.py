@@ -48,7 +48,8 @@ BUILTIN_EXAMPLES: tuple[tuple[str, str], ...] = (
 with spam and navigation boilerplate (no), none of them from any benchmark's data. A small
 judge reads the paper's zero-shot prompt poorly (the packaged 135M ranks junk above prose);
 these turns show it what the question means (``python -m bench.classifier --teacher-examples
-builtin``: AUC real vs junk 0.44 -> 0.61) at ~2.5x the prompt length."""
+builtin``: AUC real vs junk 0.41 -> 0.61) at ~4x the prompt length (the packaged judge
+runs 4.2x slower)."""
 
 # Surface forms of the two answers whose probabilities are pooled.
 YES_VARIANTS: tuple[str, ...] = ("yes", " yes", "Yes", " Yes", "YES", " YES")
