@@ -79,6 +79,7 @@ H_SOURCE = "sluice-source"
 H_STAGE = "sluice-stage"
 # Fetch/produce requests carry protocol framing beyond the value itself.
 _FRAMING_BYTES = 64 * 1024
+_TOPIC_WAIT_S = 30.0  # how long a starting worker waits for its input topic's metadata
 # Room left in a produced message for its key, headers and record-batch overhead.
 _RECORD_OVERHEAD = 16 * 1024
 # The broker's default max.message.bytes, assumed when a topic's config cannot be read.
@@ -338,11 +339,33 @@ class StageWorker:
         except KafkaError as exc:
             raise Unavailable(f"cannot reach Kafka at {s.bootstrap_servers}: {exc}") from exc
         self._consumer = consumer
+        self._await_topic(consumer, s.input_topic)
         consumer.subscribe(
             [s.input_topic],
             listener=_RebalanceListener(self),
         )
         return consumer, producer
+
+    def _await_topic(self, consumer: KafkaConsumer, topic: str) -> None:
+        """Wait (bounded) until ``consumer``'s own metadata lists ``topic``.
+
+        A consumer that joins its group before its metadata knows the input topic is
+        assigned nothing and must rejoin; with kafka-python that early rejoin can leave the
+        group leader stuck in its assignment. A topic created later is still picked up by
+        the subscription's metadata refresh, so the wait gives up after
+        ``_TOPIC_WAIT_S`` and subscribes anyway.
+        """
+        deadline = time.monotonic() + _TOPIC_WAIT_S
+        try:
+            while not consumer.partitions_for_topic(topic):
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    log.warning("input topic %s not in metadata yet; subscribing anyway", topic)
+                    return
+                log.info("waiting for topic %s", topic)
+                time.sleep(0.5)
+                consumer.topics()  # refresh metadata
+        except KafkaError as exc:
+            raise Unavailable(f"cannot read metadata for topic {topic}: {exc}") from exc
 
     def _resume(self, partitions: list[TopicPartition]) -> None:
         """Seek ``partitions`` to where the stage state resumes them (it loads them first);
