@@ -51,9 +51,10 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from services.density.bandwidth import choose_width
+from services.density.bandwidth import choose_hashes, choose_width
 from services.density.exact import accumulate_kde
-from services.density.sketch import RaceSketch, SketchParams
+from services.density.settings import PSTABLE_HASHES, SketchSettings
+from services.density.sketch import ANGULAR_WIDTH, RaceSketch, SketchParams
 
 
 @dataclass(frozen=True)
@@ -144,19 +145,42 @@ def _in_chunk(indices: np.ndarray, start: int, size: int) -> np.ndarray:
 
 
 def _params(args: argparse.Namespace, stream: ClusteredStream) -> SketchParams:
-    width = args.width
-    if width is None:  # sketch.width: auto, on a uniform sample (chunk 0 is one)
+    """The sketch params, an 'auto' bandwidth chosen as the stage chooses it (width of a
+    p-stable sketch, K of an angular one) on a uniform sample: chunk 0 is one."""
+    k = args.hashes_per_row
+    auto = args.width is None if args.hash == "pstable" else k == "auto"
+    choice = None
+    if auto:
         _, first = next(iter(stream))
         sample = first[: args.width_sample].numpy()
-        width = choose_width(sample, args.hashes_per_row, rule=args.width_rule).width
+        if args.hash == "angular":
+            choice = choose_hashes(sample, rule=args.width_rule)
+        else:
+            choice = choose_width(sample, _pstable_k(k), rule=args.width_rule)
+    if args.hash == "angular":
+        k = choice.hashes_per_row if choice is not None else int(k)
+        return SketchParams(
+            hash="angular",
+            dim=args.dim,
+            rows=args.rows,
+            hashes_per_row=k,
+            buckets=1 << k,
+            width=ANGULAR_WIDTH,
+            seed=args.seed,
+        )
+    width = choice.width if choice is not None else args.width
     return SketchParams(
         dim=args.dim,
         rows=args.rows,
-        hashes_per_row=args.hashes_per_row,
+        hashes_per_row=_pstable_k(k),
         buckets=args.buckets,
         width=round(width, 4),
         seed=args.seed,
     )
+
+
+def _pstable_k(k: str) -> int:
+    return PSTABLE_HASHES if k == "auto" else int(k)
 
 
 @dataclass
@@ -239,7 +263,8 @@ def report(args: argparse.Namespace, out: Outcome, load_before: str) -> dict[str
     rho = float(spearmanr(out.subset_scores, exact).statistic) if q > 2 else math.nan
     rho_mean = float(spearmanr(out.subset_mean, exact).statistic) if q > 2 else math.nan
     b = float(p.buckets)
-    estimate = (out.subset_mean - n / b) * (b / (b - 1.0))
+    bias = 0.0 if p.hash == "angular" else n / b  # an angular sketch has no rehash
+    estimate = (out.subset_mean - bias) * (b / (b - 1.0)) if bias else out.subset_mean
     rel_err = float(np.median(np.abs(estimate - exact) / exact)) if q else math.nan
     # the stage's estimate leaves the point itself out (G - 1): add it back to compare
     # with the exact KDE, which counts it
@@ -258,7 +283,7 @@ def report(args: argparse.Namespace, out: Outcome, load_before: str) -> dict[str
         ("points x dim", f"{n:,} x {args.dim} fp32, {args.clusters} Zipf clusters"),
         (
             "sketch",
-            f"R={p.rows} K={p.hashes_per_row} B={p.buckets} width={p.width} "
+            f"{p.hash} R={p.rows} K={p.hashes_per_row} B={p.buckets} width={p.width} "
             f"({out.sketch.counts.nbytes / 2**20:.1f} MiB)",
         ),
         (
@@ -275,7 +300,7 @@ def report(args: argparse.Namespace, out: Outcome, load_before: str) -> dict[str
         ),
         (
             f"mean score ({args.estimator})",
-            f"{out.mean_score:10.1f}  (rehash bias n/B = {n / b:.1f})",
+            f"{out.mean_score:10.1f}  (rehash bias n/B = {bias:.1f})",
         ),
         (f"exact KDE of {q} queries", f"{ph['exact'].wall:8.2f} s  (each over all {n:,})"),
         (
@@ -331,9 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latent", type=int, default=32, help="intrinsic dimension of the noise")
     ap.add_argument("--chunk", type=int, default=65536, help="points generated per chunk")
     ap.add_argument("--rows", type=int, default=100, help="R (the stage default)")
-    ap.add_argument("--hashes-per-row", type=int, default=8)
-    ap.add_argument("--buckets", type=int, default=4096)
-    ap.add_argument("--width", type=float, default=None, help="default: auto (choose_width)")
+    defaults = SketchSettings()
+    ap.add_argument(
+        "--hash", default=defaults.hash, choices=["pstable", "angular"], help="LSH family"
+    )
+    ap.add_argument(
+        "--hashes-per-row",
+        default=str(defaults.hashes_per_row),
+        help="K, or auto (angular: chosen from the data; pstable: 8)",
+    )
+    ap.add_argument("--buckets", type=int, default=4096, help="B (pstable; angular: 2^K)")
+    ap.add_argument(
+        "--width", type=float, default=None, help="pstable width; default: auto (choose_width)"
+    )
     ap.add_argument("--width-rule", default="spread", choices=["spread", "nn_quantile"])
     ap.add_argument("--width-sample", type=int, default=2000, help="sample for the auto width")
     ap.add_argument("--device", default="cpu", help="where points are hashed: cpu, cuda")

@@ -30,6 +30,11 @@ the ``quantile`` of the sample's nearest-neighbour distances,
 a classic spacing-based bandwidth, cheaper and sample-size sensitive (nearest neighbours
 are closer in a bigger sample).
 
+**Angular sketches** (``sketch.hash: angular``) have no width: their kernel
+(1 - angle / pi)^K has K as its only bandwidth, so ``auto`` chooses K (1 to 14) by the same
+rules: ``spread`` maximises the spread of log-density over K; ``nn_quantile`` takes the K
+at which the kernel equals ``kernel`` at the ``quantile`` of nearest-neighbour distances.
+
 The choice is recorded: ``BandwidthChoice`` goes into the pass-1 pin and the report, and
 the width into the sketch's params (its fingerprint), so sketches with different widths
 never merge.
@@ -44,7 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.density.exact import collision_probability, kernel_tensor
+from services.density.exact import angular_kernel_tensor, collision_probability, kernel_tensor
+from services.density.sketch import ANGULAR_WIDTH
 from services.runtime.errors import InvalidArgument
 
 RULES = ("spread", "nn_quantile")
@@ -54,6 +60,14 @@ _GRID = np.geomspace(0.5, 16.0, 21)
 """Widths tried by the spread rule, in units of the sample's median neighbour distance."""
 FALLBACK_WIDTH = 1.0
 """Width used when a sample has no two distinct points (nothing to read a scale from)."""
+FALLBACK_HASHES = 8
+"""K of an angular sketch whose sample has no two distinct points."""
+MAX_AUTO_HASHES = 14
+"""The largest K an 'auto' rule picks for an angular sketch: its counts are R x 2^K int64
+(13 MB at R=100, K=14; a pass-1 worker holds one sketch per partition it owns). A K up to
+16 can be set by hand."""
+_K_GRID = np.arange(1, MAX_AUTO_HASHES + 1)
+"""K tried by the spread rule for an angular sketch."""
 _BLOCK = 1024
 
 
@@ -68,6 +82,9 @@ class BandwidthChoice:
     kernel: float
     neighbour_distance: float
     """The sample's nearest-neighbour distance at ``quantile`` (0 for the fallback)."""
+    hashes_per_row: int = 0
+    """K, when it is what was chosen (an angular sketch, whose width is the constant
+    ``ANGULAR_WIDTH``); 0 when K is configured and only the width was chosen."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +99,7 @@ class BandwidthChoice:
                 float(doc["quantile"]),
                 float(doc["kernel"]),
                 float(doc["neighbour_distance"]),
+                int(doc.get("hashes_per_row", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument(f"not a bandwidth choice: {exc}") from exc
@@ -176,3 +194,57 @@ def choose_width(
     spread = log_density_spread(arr, widths, hashes_per_row)
     best = float(widths[int(np.argmax(spread))])
     return BandwidthChoice(float(f"{best:.4g}"), "spread/v1", len(arr), 0.5, 0.0, distance)
+
+
+def angular_log_density_spread(sample: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """std of log(sum_j (1 - theta_ij / pi)^K) over the sample (j = i included), per K."""
+    x = torch.from_numpy(np.array(sample, dtype=np.float64))
+    x /= torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_(min=1e-30)
+    sums = torch.zeros(len(ks), len(x), dtype=torch.float64)
+    for start in range(0, len(x), _BLOCK):
+        q = x[start : start + _BLOCK]
+        dist = (2.0 - 2.0 * (q @ x.t())).clamp_(min=0.0).sqrt_()
+        dist[torch.arange(len(q)), torch.arange(start, start + len(q))] = 0.0  # itself: k = 1
+        base = angular_kernel_tensor(dist, 1)
+        for i, k in enumerate(ks):
+            sums[i, start : start + len(q)] = base.pow(int(k)).sum(dim=1)
+    return np.array([float(torch.log(sums[i]).std()) for i in range(len(ks))])
+
+
+def choose_hashes(
+    sample: np.ndarray,
+    *,
+    rule: str = "spread",
+    quantile: float = 0.5,
+    kernel: float = 0.1,
+) -> BandwidthChoice:
+    """K (1 to ``MAX_AUTO_HASHES``) of an angular sketch, the kernel (1 - theta / pi)^K,
+    as ``rule`` picks it for this sample (the module doc); the width is the constant
+    ``ANGULAR_WIDTH``."""
+    if rule not in RULES:
+        raise InvalidArgument(f"unknown bandwidth rule {rule!r}; known: {', '.join(RULES)}")
+    if not 0.0 < quantile < 1.0:
+        raise InvalidArgument(f"quantile must be in (0, 1), got {quantile}")
+    if not 0.0 < kernel < 1.0:
+        raise InvalidArgument(f"kernel value must be in (0, 1), got {kernel}")
+    arr = np.asarray(sample)
+    if rule == "spread" and len(arr) > SPREAD_SAMPLE:
+        arr = arr[:SPREAD_SAMPLE]  # a bottom-k sample: any prefix is uniform too
+    nn = nearest_neighbour_distances(arr) if len(arr) >= 2 else np.zeros(0)
+    finite = nn[np.isfinite(nn)]
+    if finite.size == 0:
+        return BandwidthChoice(
+            ANGULAR_WIDTH, "fallback", len(arr), quantile, kernel, 0.0, FALLBACK_HASHES
+        )
+    if rule == "nn_quantile":
+        distance = float(np.quantile(finite, quantile))
+        per_hash = 1.0 - 2.0 * math.asin(min(distance / 2.0, 1.0)) / math.pi
+        k = math.log(kernel) / math.log(per_hash) if 0.0 < per_hash < 1.0 else 1.0
+        chosen = int(min(max(round(k), 1), MAX_AUTO_HASHES))
+        return BandwidthChoice(
+            ANGULAR_WIDTH, "nn_quantile/angular/v1", len(arr), quantile, kernel, distance, chosen
+        )
+    distance = float(np.median(finite))
+    spread = angular_log_density_spread(arr, _K_GRID)
+    chosen = int(_K_GRID[int(np.argmax(spread))])
+    return BandwidthChoice(ANGULAR_WIDTH, "spread/angular/v1", len(arr), 0.5, 0.0, distance, chosen)

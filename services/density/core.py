@@ -48,9 +48,9 @@ from typing import Literal
 import numpy as np
 
 from services.density import sampler
-from services.density.bandwidth import BandwidthChoice, choose_width
+from services.density.bandwidth import BandwidthChoice, choose_hashes, choose_width
 from services.density.settings import DensitySettings
-from services.density.sketch import RaceSketch, SketchParams
+from services.density.sketch import ANGULAR_WIDTH, RaceSketch, SketchParams
 from services.density.state import CalibrationSample, SketchState
 from services.runtime.backends.base import Lazy
 from services.runtime.backends.embeddings import Embedder, create_embedder, known_dim
@@ -187,15 +187,18 @@ class DensityCore:
         return configured or self.embedder.dim
 
     def params(self) -> SketchParams:
-        """The stage sketch's params; FailedPrecondition while an 'auto' width is unchosen."""
-        return self.settings.sketch.params(self.dim, self.width)
+        """The stage sketch's params; FailedPrecondition while an 'auto' bandwidth is
+        unchosen."""
+        chosen_k = self._bandwidth.hashes_per_row if self._bandwidth is not None else None
+        return self.settings.sketch.params(self.dim, self.width, chosen_k or None)
 
     @property
     def width(self) -> float | None:
-        """The sketch width: configured, or chosen from the data (None: not yet)."""
-        configured = self.settings.sketch.width
-        if configured != "auto":
-            return configured
+        """The sketch width: configured, or chosen from the data (None: not yet). An
+        angular sketch's is the constant ``ANGULAR_WIDTH`` once its K is known."""
+        sk = self.settings.sketch
+        if not sk.auto_bandwidth:
+            return ANGULAR_WIDTH if sk.hash == "angular" else float(sk.width)
         return self._bandwidth.width if self._bandwidth is not None else None
 
     @property
@@ -221,37 +224,58 @@ class DensityCore:
         s = self.settings
         sample = CalibrationSample(s.calibration_size, self.dim, s.seed)
         sample.add(list(ids), matrix)
+        if s.sketch.hash == "angular":
+            return choose_hashes(
+                sample.vectors,
+                rule=s.sketch.bandwidth_rule,
+                quantile=s.sketch.bandwidth_quantile,
+                kernel=s.sketch.bandwidth_kernel,
+            )
         return choose_width(
             sample.vectors,
-            s.sketch.hashes_per_row,
+            s.sketch.pstable_hashes,
             rule=s.sketch.bandwidth_rule,
             quantile=s.sketch.bandwidth_quantile,
             kernel=s.sketch.bandwidth_kernel,
         )
 
-    def params_family(self) -> dict[str, int]:
-        """The sketch params other than the width (what an 'auto' width is chosen for)."""
+    def params_family(self) -> dict[str, int | str]:
+        """The sketch params other than the bandwidth (what an 'auto' one is chosen for):
+        of a p-stable sketch all but the width; of an angular one, the family, dim, rows
+        and seed (K and B = 2^K are chosen)."""
         sk = self.settings.sketch
+        if sk.hash == "angular":
+            return {"hash": "angular", "dim": self.dim, "rows": sk.rows, "seed": sk.seed}
         return {
             "dim": self.dim,
             "rows": sk.rows,
-            "hashes_per_row": sk.hashes_per_row,
+            "hashes_per_row": sk.pstable_hashes,
             "buckets": sk.buckets,
             "seed": sk.seed,
         }
 
     def set_bandwidth(self, choice: BandwidthChoice) -> BandwidthChoice:
-        """Adopt a width chosen elsewhere (pass 1's pin in the store)."""
-        if self.settings.sketch.width != "auto":
+        """Adopt a bandwidth chosen elsewhere (pass 1's pin in the store)."""
+        sk = self.settings.sketch
+        if not sk.auto_bandwidth:
             return choice
+        if (sk.hash == "angular") != (choice.hashes_per_row > 0):
+            raise FailedPrecondition(
+                f"a bandwidth chosen for another hash family ({_describe(choice)}) cannot be "
+                f"used by a {sk.hash} sketch"
+            )
         with self._lock:
-            if self._bandwidth is not None and self._bandwidth.width != choice.width:
+            held = self._bandwidth
+            if held is not None and (held.width, held.hashes_per_row) != (
+                choice.width,
+                choice.hashes_per_row,
+            ):
                 raise FailedPrecondition(
-                    f"sketch width already chosen as {self._bandwidth.width}, cannot switch "
-                    f"to {choice.width}: sketches of different bandwidths do not merge"
+                    f"sketch bandwidth already chosen as {_describe(held)}, cannot switch to "
+                    f"{_describe(choice)}: sketches of different bandwidths do not merge"
                 )
             self._bandwidth = choice
-        log.info("sketch width %s (%s, %d points)", choice.width, choice.rule, choice.sample)
+        log.info("sketch %s (%s, %d points)", _describe(choice), choice.rule, choice.sample)
         return choice
 
     @property
@@ -272,7 +296,9 @@ class DensityCore:
             # "-gmx": densities are the rows' geometric mean with x itself excluded
             # (estimate_density), so a release that changes the reduction changes the
             # version, and with it the batch ids.
-            parts.append(f"race-{state.fingerprint[:12]}-w{state.sketch.params.width:g}-gmx")
+            p = state.sketch.params
+            bandwidth = f"a{p.hashes_per_row}" if p.hash == "angular" else f"w{p.width:g}"
+            parts.append(f"race-{state.fingerprint[:12]}-{bandwidth}-gmx")
             if state.version is not None:
                 parts.append(f"v{state.version}")
         return "/".join(parts)
@@ -356,7 +382,7 @@ class DensityCore:
             return found
         if self.loader is None:
             raise NotFound(f"no sketch named {name!r}")
-        auto = self.settings.sketch.width == "auto"
+        auto = self.settings.sketch.auto_bandwidth
         loaded = self.loader(name, None if auto else self.params())
         return self.install(loaded)
 
@@ -375,10 +401,18 @@ class DensityCore:
                 f"sketch {state.name!r} was built with embedding model "
                 f"{state.embedding_model!r}; this service embeds with {self.embedding_model!r}"
             )
-        if state.name == self.name and self.settings.sketch.width == "auto":
-            width = state.sketch.params.width  # the loaded sketch's width is the stage's
-            if self._bandwidth is None or self._bandwidth.width != width:
-                self._bandwidth = BandwidthChoice(width, "loaded", 0, 0.0, 0.0, 0.0)
+        cfg, p = self.settings.sketch, state.sketch.params
+        if state.name == self.name and p.hash != cfg.hash:
+            raise FailedPrecondition(
+                f"sketch {state.name!r} is a {p.hash} sketch; this service is configured "
+                f"for sketch.hash {cfg.hash!r}"
+            )
+        if state.name == self.name and cfg.auto_bandwidth:
+            # the loaded sketch's bandwidth is the stage's
+            k = p.hashes_per_row if p.hash == "angular" else 0
+            held = self._bandwidth
+            if held is None or (held.width, held.hashes_per_row) != (p.width, k):
+                self._bandwidth = BandwidthChoice(p.width, "loaded", 0, 0.0, 0.0, 0.0, k)
         if state.sketch.device != RaceSketch(state.sketch.params, device=self.device).device:
             sk = state.sketch
             state.sketch = RaceSketch(sk.params, sk.counts, sk.n, device=self.device)
@@ -654,3 +688,10 @@ def _unusable_rows(matrix: np.ndarray) -> list[str]:
         "" if f and z else ("embedding is not finite" if not f else "embedding is all zeros")
         for f, z in zip(finite.tolist(), nonzero.tolist(), strict=True)
     ]
+
+
+def _describe(choice: BandwidthChoice) -> str:
+    """'width 2.03' or 'K=10 (angular)'."""
+    if choice.hashes_per_row:
+        return f"K={choice.hashes_per_row} (angular)"
+    return f"width {choice.width:g}"

@@ -64,6 +64,22 @@ def kernel_tensor(dist: torch.Tensor, width: float, hashes_per_row: int) -> torc
     return p if hashes_per_row == 1 else p.pow_(hashes_per_row)
 
 
+def angular_kernel_tensor(dist: torch.Tensor, hashes_per_row: int) -> torch.Tensor:
+    """(1 - theta / pi)^K elementwise for unit vectors at L2 distance ``dist`` (in place):
+    the collision probability of K sign random projections (Charikar 2002), the kernel of
+    an angular sketch. theta = 2 asin(dist / 2), accurate near 0 where acos is not."""
+    theta = dist.mul_(0.5).clamp_(0.0, 1.0).asin_().mul_(2.0)
+    k = theta.mul_(-1.0 / math.pi).add_(1.0).clamp_(0.0, 1.0)
+    return k if hashes_per_row == 1 else k.pow_(hashes_per_row)
+
+
+def sketch_kernel(dist: torch.Tensor, params: SketchParams) -> torch.Tensor:
+    """The kernel ``params``' sketch estimates, at L2 distances ``dist`` (unit vectors)."""
+    if params.hash == "angular":
+        return angular_kernel_tensor(dist, params.hashes_per_row)
+    return kernel_tensor(dist, params.width, params.hashes_per_row)
+
+
 def collision_probability(dist: np.ndarray, width: float, hashes_per_row: int) -> np.ndarray:
     """Probability that points at L2 distance ``dist`` share a row's K concatenated p-stable
     hashes of bucket width ``width``: p(dist)^K (float64, same shape as ``dist``)."""
@@ -93,7 +109,8 @@ def exact_kde(
     queries: np.ndarray, points: np.ndarray, params: SketchParams, *, exclude_self: bool = False
 ) -> np.ndarray:
     """(Q,) float64: sum over ``points`` of k(||q - y||) for every query, with the sketch's
-    kernel p^K, on L2-normalised vectors, in float64. O(Q * N * dim): for small sets and
+    kernel (``sketch_kernel``: p^K, or (1 - theta / pi)^K for an angular sketch), on
+    L2-normalised vectors, in float64. O(Q * N * dim): for small sets and
     references (``accumulate_kde`` streams large ones).
 
     ``exclude_self=True`` subtracts k(0) = 1, for queries that are among the points.
@@ -122,7 +139,7 @@ def accumulate_kde(
             q = queries[start : start + _QUERY_CHUNK]
             sq = torch.addmm(sq_pts, q, pts.t(), alpha=-2.0)
             sq += (q * q).sum(dim=1, keepdim=True)
-            k = kernel_tensor(sq.clamp_(min=0.0).sqrt_(), params.width, params.hashes_per_row)
+            k = sketch_kernel(sq.clamp_(min=0.0).sqrt_(), params)
             out[start : start + len(q)] += k.sum(dim=1)  # chunk sums in k's dtype
 
 

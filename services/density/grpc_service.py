@@ -46,6 +46,7 @@ def _params(state: SketchState) -> density_pb2.SketchParams:
         buckets=p.buckets,
         width=p.width,
         seed=p.seed,
+        hash=p.hash,
     )
 
 

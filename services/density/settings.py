@@ -22,6 +22,9 @@ from services.runtime.stage import StageSettings
 if TYPE_CHECKING:  # the sketch imports torch; settings stay light (the operator reads them)
     from services.density.sketch import SketchParams
 
+PSTABLE_HASHES = 8
+"""K of a p-stable sketch when hashes_per_row is 'auto' (the measured sweet spot)."""
+
 Mode = Literal["two_pass_build", "two_pass_sample", "online"]
 
 
@@ -42,14 +45,22 @@ class SketchSettings(StrictModel):
     dim: int = Field(
         0, ge=0, description="Embedding dimension; 0 = the embedding model's (384 for MiniLM)."
     )
+    hash: Literal["pstable", "angular"] = Field(
+        "angular",
+        description="LSH family, so the kernel: 'pstable' = p-stable L2 hashes, kernel "
+        "p(c / width)^K (a Laplace-like bump with a polynomial tail); 'angular' = sign random "
+        "projections, kernel (1 - angle / pi)^K, whose log falls ever faster with distance "
+        "(sharper topic boundaries: docs/density.md), B = 2^K buckets (buckets is ignored) "
+        "and no width (K is its bandwidth).",
+    )
     rows: int = Field(100, ge=1, description="R: independent hash rows; variance ~ 1/R, cost ~ R.")
-    hashes_per_row: int = Field(
-        8,
-        ge=1,
-        description="K: p-stable hashes per row; the kernel is p(c / width)^K, so a larger "
-        "K cuts its heavy tail. K=8 with width auto ranks like exact KDE best at a given "
-        "cost R*K (bench.density, docs/density.md); K=2 is so heavy-tailed that a flat "
-        "background dominates every score.",
+    hashes_per_row: int | Literal["auto"] = Field(
+        "auto",
+        description="K: hashes per row (1 to 16). pstable: the kernel is p(c / width)^K, so "
+        "a larger K cuts its heavy tail; K=8 with width auto ranks like exact KDE best at a "
+        "given cost R*K (bench.density, docs/density.md); 'auto' = 8. angular: K is the "
+        "bandwidth, kernel (1 - angle / pi)^K; 'auto' chooses it from the data by "
+        "bandwidth_rule, like an auto width.",
     )
     buckets: int = Field(
         4096, ge=2, description="B: buckets per row; rehash collisions add ~n/B to every score."
@@ -87,25 +98,63 @@ class SketchSettings(StrictModel):
     )
     seed: int = Field(0, ge=0, description="Seed of the hash functions (part of the identity).")
 
+    @model_validator(mode="after")
+    def _family(self) -> SketchSettings:
+        k = self.hashes_per_row
+        if k != "auto" and not 1 <= k <= 16:
+            raise ValueError(f"hashes_per_row must be 1 to 16 or 'auto', got {k}")
+        if self.hash == "angular" and self.width != "auto":
+            raise ValueError(
+                "sketch.width applies to hash 'pstable'; an angular sketch's bandwidth is "
+                "hashes_per_row (a number, or 'auto' to choose it from the data)"
+            )
+        return self
+
     @property
-    def auto_width(self) -> bool:
+    def auto_bandwidth(self) -> bool:
+        """Whether the kernel's bandwidth is chosen from the data: the width of a p-stable
+        sketch (width 'auto'), K of an angular one (hashes_per_row 'auto')."""
+        if self.hash == "angular":
+            return self.hashes_per_row == "auto"
         return self.width == "auto"
 
-    def params(self, dim: int, width: float | None = None) -> SketchParams:
-        """The sketch parameters for embeddings of ``dim`` dimensions; ``width`` is the
-        resolved bandwidth when ``width`` is 'auto' (ignored otherwise)."""
-        from services.density.sketch import SketchParams
+    @property
+    def pstable_hashes(self) -> int:
+        """K of a p-stable sketch: hashes_per_row, 'auto' read as ``PSTABLE_HASHES``."""
+        return PSTABLE_HASHES if self.hashes_per_row == "auto" else self.hashes_per_row
 
+    def params(
+        self, dim: int, width: float | None = None, hashes_per_row: int | None = None
+    ) -> SketchParams:
+        """The sketch parameters for embeddings of ``dim`` dimensions; ``width`` (p-stable)
+        or ``hashes_per_row`` (angular) is the bandwidth chosen from the data when it is
+        'auto' (ignored otherwise)."""
+        from services.density.sketch import ANGULAR_WIDTH, SketchParams
+
+        unchosen = FailedPrecondition(
+            "the sketch's bandwidth is 'auto' and has not been chosen yet (it is chosen from "
+            "the first points sketched, or read from the version's pin in the store)"
+        )
+        if self.hash == "angular":
+            k = hashes_per_row if self.hashes_per_row == "auto" else self.hashes_per_row
+            if k is None:
+                raise unchosen
+            return SketchParams(
+                hash="angular",
+                dim=dim,
+                rows=self.rows,
+                hashes_per_row=k,
+                buckets=1 << k,
+                width=ANGULAR_WIDTH,
+                seed=self.seed,
+            )
         chosen = width if self.width == "auto" else self.width
         if chosen is None:
-            raise FailedPrecondition(
-                "sketch.width is 'auto' and no width has been chosen yet (it is chosen from "
-                "the first points sketched, or read from the version's pin in the store)"
-            )
+            raise unchosen
         return SketchParams(
             dim=dim,
             rows=self.rows,
-            hashes_per_row=self.hashes_per_row,
+            hashes_per_row=self.pstable_hashes,
             buckets=self.buckets,
             width=chosen,
             seed=self.seed,

@@ -50,7 +50,7 @@ import json
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -62,6 +62,13 @@ from services.runtime.settings import StrictModel
 #: Names the hash construction (draw order, rehash, geometry); part of every fingerprint,
 #: so a change to how points are hashed can never be merged with sketches built before it.
 HASH_SCHEME = "race/pstable-l2/normalised/multiply-shift38/v1"
+#: The angular family's construction: K sign bits of Gaussian projections, the K-bit code
+#: is the bucket (B = 2^K, no rehash).
+ANGULAR_SCHEME = "race/angular-simhash/normalised/direct/v1"
+HASH_SCHEMES = {"pstable": HASH_SCHEME, "angular": ANGULAR_SCHEME}
+#: An angular sketch has no width (K alone sets its kernel); its params carry this constant.
+ANGULAR_WIDTH = 1.0
+HashFamily = Literal["pstable", "angular"]
 #: Version of the byte format written by ``RaceSketch.to_bytes``.
 FORMAT_VERSION = 1
 MAX_HASHES_PER_ROW = 16
@@ -92,6 +99,11 @@ class SketchParams(StrictModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    hash: HashFamily = Field(
+        "pstable",
+        description="LSH family: 'pstable' (p-stable L2, kernel p(c / width)^K) or 'angular' "
+        "(sign random projections, kernel (1 - angle / pi)^K, B = 2^K buckets, no width).",
+    )
     dim: int = Field(..., ge=1, le=1 << 16, description="Embedding dimension (e.g. 384).")
     rows: int = Field(200, ge=1, le=1 << 12, description="R independent rows; variance ~1/R.")
     hashes_per_row: int = Field(
@@ -123,12 +135,31 @@ class SketchParams(StrictModel):
             raise ValueError(f"rows * buckets must be <= {MAX_COUNTS} (1 GiB of counts)")
         if self.rows * self.hashes_per_row * self.dim > MAX_PROJECTION_ENTRIES:
             raise ValueError(f"rows * hashes_per_row * dim must be <= {MAX_PROJECTION_ENTRIES}")
+        if self.hash == "angular":
+            if self.buckets != 1 << self.hashes_per_row:
+                raise ValueError(
+                    "an angular sketch has one bucket per K-bit sign pattern: buckets must be "
+                    f"2^{self.hashes_per_row} = {1 << self.hashes_per_row}, got {self.buckets}"
+                )
+            if self.width != ANGULAR_WIDTH:
+                raise ValueError(
+                    f"an angular sketch has no width (K is its bandwidth): width must be "
+                    f"{ANGULAR_WIDTH}, got {self.width}"
+                )
         return self
 
+    @property
+    def scheme(self) -> str:
+        """The hash construction these params are hashed with (``HASH_SCHEMES``)."""
+        return HASH_SCHEMES[self.hash]
+
     def fingerprint(self) -> str:
-        """Stable hex digest of every parameter, the seed and the hash scheme."""
+        """Stable hex digest of every parameter, the seed and the hash scheme (the family
+        is in the scheme, so p-stable fingerprints are those of the releases before it)."""
         doc = json.dumps(
-            {"scheme": HASH_SCHEME, **self.model_dump()}, sort_keys=True, separators=(",", ":")
+            {"scheme": self.scheme, **self.model_dump(exclude={"hash"})},
+            sort_keys=True,
+            separators=(",", ":"),
         )
         return hashlib.blake2b(doc.encode(), digest_size=16).hexdigest()
 
@@ -207,17 +238,8 @@ class _Hasher:
         return cells
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """w . x + b in float32. On CUDA, full float32 precision is forced for the product:
-        TF32 (10-bit mantissa) would move far more projections across cell boundaries than
-        the float64 recomputation margin covers."""
-        if self.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest":
-            return torch.addmm(self._b32, self._w32, x.t())
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            return torch.addmm(self._b32, self._w32, x.t())
-        finally:
-            torch.set_float32_matmul_precision(previous)
+        """w . x + b in float32 (``_float32_product``)."""
+        return _float32_product(self._w32, x, self._b32)
 
     def _near_boundary(self, frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hash, point) indices whose fractional part is within the margin of 0 or 1. One
@@ -244,10 +266,80 @@ class _Hasher:
         return torch.floor(scaled + self._b64.index_select(0, cols)).to(torch.float32)
 
 
+class _AngularHasher:
+    """R x K Gaussian directions drawn from the seed (sign random projections, Charikar
+    2002). Row r's bucket is the K-bit code of the signs of w_{k,r} . x, so two points at
+    angle theta share it with probability (1 - theta / pi)^K exactly: B = 2^K buckets, one
+    per code, and no rehash (no collisions between codes, no n/B background).
+
+    Projection j = k * R + r is the k-th direction of row r, as in ``_Hasher``. A sign is
+    decided in float32 unless the projection is within the rounding margin of 0, where it
+    is recomputed in float64 (the same batch- and machine-independence argument).
+    """
+
+    def __init__(self, params: SketchParams, device: torch.device | None = None) -> None:
+        r, k = params.rows, params.hashes_per_row
+        dev = torch.device("cpu") if device is None else device
+        # The draw order is part of ANGULAR_SCHEME: never reorder these lines.
+        rng = np.random.default_rng(params.seed)
+        w = rng.standard_normal((r * k, params.dim))
+        bound = float(np.linalg.norm(w, axis=1).max())  # >= |projection| of a unit x
+        self.params = params
+        self.device = dev
+        self._w32 = torch.from_numpy(w.astype(np.float32)).to(dev)
+        self._w64 = torch.from_numpy(w).to(dev)
+        self._row_base = torch.arange(r, dtype=torch.int64, device=dev)[:, None] * params.buckets
+        units = 16.0 if dev.type == "cpu" else 64.0  # see _Hasher
+        self._margin = units * _F32_EPS * bound
+
+    def flat_ids(self, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """(n, dim) float32 and their norms -> (R, n) int64 index into the flat R x B counts."""
+        p = self.params
+        inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+        proj = _float32_product(self._w32, x * inv[:, None])  # (K*R, n); the origin: all 0
+        signs = proj >= 0
+        mag = proj.abs_()
+        # one min pass finds the few points with a projection within the margin of 0;
+        # only their columns are searched
+        (points,) = (mag.amin(dim=0) < self._margin).nonzero(as_tuple=True)
+        if points.numel():
+            cols, j = (mag.index_select(1, points) < self._margin).nonzero(as_tuple=True)
+            pts = points.index_select(0, j)
+            xs = x.index_select(0, pts).to(torch.float64)  # the sign ignores |x|
+            signs[cols, pts] = (xs * self._w64.index_select(0, cols)).sum(dim=1) >= 0
+        bits = signs.view(p.hashes_per_row, p.rows, -1)
+        code = bits[0].to(torch.int32)  # (R, n): bit k of row r's code is sign k
+        for k in range(1, p.hashes_per_row):
+            code.add_(bits[k].to(torch.int32), alpha=1 << k)
+        return code.to(torch.int64).add_(self._row_base)
+
+
+def _float32_product(
+    w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """w . x (+ bias) in float32. On CUDA, full float32 precision is forced for the product:
+    TF32 (10-bit mantissa) would move far more projections across cell boundaries (or
+    signs) than the float64 recomputation margin covers."""
+
+    def product() -> torch.Tensor:
+        return torch.mm(w, x.t()) if bias is None else torch.addmm(bias, w, x.t())
+
+    if w.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest":
+        return product()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return product()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @functools.lru_cache(maxsize=16)
-def _hasher_for(params: SketchParams, device: str = "cpu") -> _Hasher:
+def _hasher_for(params: SketchParams, device: str = "cpu") -> _Hasher | _AngularHasher:
     """Hash functions are a pure function of the params: build them once per process and
     device."""
+    if params.hash == "angular":
+        return _AngularHasher(params, torch.device(device))
     return _Hasher(params, torch.device(device))
 
 
@@ -433,10 +525,13 @@ class RaceSketch:
         """``score`` with the rehash bias removed: an unbiased estimate of sum_y k(x, y).
 
         E[score] = KDE + (n - KDE) / B, so KDE = (score - n / B) * B / (B - 1). Can be
-        slightly negative for an isolated query (it is an estimate).
+        slightly negative for an isolated query (it is an estimate). An angular sketch has
+        no rehash: its score is already unbiased.
         """
         b = float(self.params.buckets)
         raw = self.score(x, exclude_self=exclude_self)
+        if self.params.hash == "angular":
+            return raw
         others = self.n - 1 if exclude_self else self.n
         return (raw - others / b) * (b / (b - 1.0))
 
@@ -496,7 +591,7 @@ class RaceSketch:
         payload = zlib.compress(self.counts.astype("<i8", copy=False).tobytes(), level=1)
         header = {
             "format": FORMAT_VERSION,
-            "hash_scheme": HASH_SCHEME,
+            "hash_scheme": self.params.scheme,
             "params": self.params.model_dump(),
             "fingerprint": self.fingerprint,
             "n": self.n,
@@ -555,15 +650,20 @@ def _header_params(header: dict[str, Any]) -> SketchParams:
             f"unsupported sketch format {header.get('format')!r} (this build reads "
             f"{FORMAT_VERSION})"
         )
-    if header.get("hash_scheme") != HASH_SCHEME:
+    if header.get("hash_scheme") not in HASH_SCHEMES.values():
         raise DecodeError(
             f"sketch was hashed with {header.get('hash_scheme')!r}, this build hashes with "
-            f"{HASH_SCHEME!r}: its counts cannot be used"
+            f"{' or '.join(repr(v) for v in HASH_SCHEMES.values())}: its counts cannot be used"
         )
     try:
         params = SketchParams.model_validate(header.get("params"))
     except ValidationError as exc:
         raise DecodeError(f"invalid sketch params in header: {exc}") from exc
+    if header["hash_scheme"] != params.scheme:
+        raise DecodeError(
+            f"sketch header says it was hashed with {header['hash_scheme']!r} but its params "
+            f"are of the {params.hash!r} family (corrupt header)"
+        )
     if header.get("fingerprint") != params.fingerprint():
         raise DecodeError("sketch fingerprint does not match its params (corrupt header)")
     return params

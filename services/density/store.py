@@ -34,6 +34,7 @@ import json
 import logging
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from minio import Minio
@@ -54,7 +55,6 @@ from services.runtime.objectstore import ObjectStore
 log = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"/v(\d+)\.json$")
-_PIN_FIELDS = ("dim", "rows", "hashes_per_row", "buckets", "seed")
 _CHECKPOINT = re.compile(r"/partitions/([^/]+)/(\d+)/(\d{20})\.ckpt$")
 _CHECKPOINT_MAGIC = b"SLUICE-CKPT1"
 _LOAD_ATTEMPTS = 3  # a checkpoint listed may be pruned by its writer before it is read
@@ -150,7 +150,7 @@ class SketchStore:
         return f"{self.folder(name, 'bandwidth')}/v{version}.json"
 
     def pinned_bandwidth(
-        self, name: str, version: int, family: dict[str, int] | None = None
+        self, name: str, version: int, family: Mapping[str, int | str] | None = None
     ) -> BandwidthChoice | None:
         """The width pinned for a version, or None. ``family`` (the params other than the
         width) must match the pin's: a width chosen for another K is not this sketch's."""
@@ -161,7 +161,7 @@ class SketchStore:
         except InvalidArgument as exc:
             raise DecodeError(f"corrupt bandwidth pin: {exc.message}") from exc
         pinned = doc.get("params", {})
-        if family is not None and {k: pinned.get(k) for k in family} != family:
+        if family is not None and {k: pinned.get(k) for k in family} != dict(family):
             raise FailedPrecondition(
                 f"sketch {name} v{version} was pinned with width {doc.get('width')} for params "
                 f"{pinned}, this worker has {family}: build a new version for new params"
@@ -172,11 +172,11 @@ class SketchStore:
             raise DecodeError(f"corrupt bandwidth pin: {exc.message}") from exc
 
     def pin_bandwidth(
-        self, name: str, version: int, choice: BandwidthChoice, family: dict[str, int]
+        self, name: str, version: int, choice: BandwidthChoice, family: Mapping[str, int | str]
     ) -> BandwidthChoice:
         """Pin ``choice`` for the version unless a width is pinned already; returns the
         pinned one (this choice, or the one that got there first)."""
-        doc = {**choice.to_dict(), "params": family}
+        doc = {**choice.to_dict(), "params": dict(family)}
         data = json.dumps(doc, indent=1, sort_keys=True).encode()
         if self.objects.put_if_absent(self.bandwidth_key(name, version), data, "application/json"):
             log.info("pinned sketch %s v%s width %s", name, version, choice.width)
@@ -332,7 +332,7 @@ class SketchStore:
             for fp in self._fingerprints(name):
                 if self.is_merged(name, fp, version):
                     state = self.load_merged(name, fp, version)
-                    if state.sketch.params.width == pin.width:
+                    if _pinned_by(state.sketch.params, pin):
                         return state
         raise NotFound(
             f"no merged sketch {name!r} with a pinned width in "
@@ -351,3 +351,13 @@ class SketchStore:
 
     def exists(self, key: str) -> bool:
         return self.objects.exists(key)
+
+
+def _pinned_by(params: SketchParams, pin: BandwidthChoice) -> bool:
+    """Whether a sketch of ``params`` has the bandwidth ``pin`` chose: its width, and for an
+    angular sketch its K."""
+    if (params.hash == "angular") != (pin.hashes_per_row > 0):
+        return False
+    return params.width == pin.width and (
+        params.hash != "angular" or params.hashes_per_row == pin.hashes_per_row
+    )

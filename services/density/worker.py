@@ -153,7 +153,7 @@ def adopt_pinned_width(
 def load_reference(core: DensityCore, store: SketchStore) -> SketchState:
     """Install the merged sketch pass 2 samples against (configured or latest version)."""
     s = core.settings.sketch
-    if s.width == "auto" and s.version is None:
+    if s.auto_bandwidth and s.version is None:
         return core.install(store.load_latest_pinned(s.name))
     if s.version is not None:
         adopt_pinned_width(core, store, s.version, required=True)

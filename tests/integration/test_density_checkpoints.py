@@ -38,7 +38,15 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNKS, PER_CHUNK, PER_BATCH = 30, 20, 4  # 600 samples in 150 messages
-SKETCH = {"name": "ckpt", "version": 1, "rows": 20, "buckets": 256, "width": 1.0, "seed": 3}
+SKETCH = {
+    "name": "ckpt",
+    "version": 1,
+    "hash": "pstable",
+    "rows": 20,
+    "buckets": 256,
+    "width": 1.0,
+    "seed": 3,
+}
 CALIBRATION = 64
 
 

@@ -34,7 +34,7 @@ DIM = 384
 
 def _settings(**kw: Any) -> DensitySettings:
     # A pinned width: these tests are about the passes, not the bandwidth (test_bandwidth).
-    kw.setdefault("sketch", SketchSettings(dim=DIM, rows=64, width=1.4))
+    kw.setdefault("sketch", SketchSettings(hash="pstable", dim=DIM, rows=64, width=1.4))
     return DensitySettings(**kw)
 
 

@@ -3,6 +3,7 @@ agreement with exact KDE, serialization and its failure modes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import zlib
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from scipy.stats import spearmanr
 
 from services.density.exact import collision_probability, exact_kde, suggest_width
-from services.density.sketch import RaceSketch, SketchParams
+from services.density.sketch import ANGULAR_SCHEME, HASH_SCHEME, RaceSketch, SketchParams
 from services.runtime.errors import DecodeError, FailedPrecondition, InvalidArgument
 
 SMALL = SketchParams(dim=8, rows=16, hashes_per_row=2, buckets=64, width=0.5, seed=3)
@@ -343,3 +344,101 @@ def test_a_device_without_hardware_is_refused() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgument, match="no CUDA device"):
             RaceSketch(params, device="cuda")
+
+
+# -- the angular family (sign random projections) ------------------------------------------
+
+ANGULAR = SketchParams(hash="angular", dim=8, rows=16, hashes_per_row=6, buckets=64, seed=3)
+
+
+def test_angular_params_tie_buckets_to_k_and_have_no_width() -> None:
+    with pytest.raises(ValidationError, match="2\\^6 = 64"):
+        SketchParams(hash="angular", dim=8, hashes_per_row=6, buckets=4096)
+    with pytest.raises(ValidationError, match="no width"):
+        SketchParams(hash="angular", dim=8, hashes_per_row=6, buckets=64, width=0.5)
+    assert ANGULAR.scheme == ANGULAR_SCHEME
+    # the family is part of the identity ...
+    pstable = SketchParams(dim=8, rows=16, hashes_per_row=6, buckets=64, seed=3)
+    assert pstable.fingerprint() != ANGULAR.fingerprint()
+    # ... and p-stable fingerprints are those of the releases before the field existed
+    # (store folders and pins are keyed by them)
+    fields = {"dim": 8, "rows": 16, "hashes_per_row": 6, "buckets": 64, "width": 1.0, "seed": 3}
+    doc = json.dumps({"scheme": HASH_SCHEME, **fields}, sort_keys=True, separators=(",", ":"))
+    assert pstable.fingerprint() == hashlib.blake2b(doc.encode(), digest_size=16).hexdigest()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_angular_rows_estimate_the_sign_projection_kernel(k: int) -> None:
+    """E[score(q)] = (1 - angle(q, y) / pi)^K for one point y, exactly: no rehash term."""
+    rows = 4096
+    params = SketchParams(hash="angular", dim=16, rows=rows, hashes_per_row=k, buckets=1 << k)
+    rng = np.random.default_rng(12)
+    y = rng.standard_normal(16)
+    y /= np.linalg.norm(y)
+    sketch = sketch_of(params, y[None, :].astype(np.float32))
+    for angle in (0.3, 1.0, 2.0, 3.0):
+        d = rng.standard_normal(16)
+        d -= (d @ y) * y
+        q = np.cos(angle) * y + np.sin(angle) * d / np.linalg.norm(d)
+        expected = (1.0 - angle / np.pi) ** k
+        sigma = np.sqrt(expected * (1 - expected) / rows)
+        got = sketch.score(q[None, :].astype(np.float32))[0]
+        assert abs(got - expected) < 4 * sigma + 1e-9
+        assert sketch.estimate_kde(q[None, :].astype(np.float32))[0] == got
+        # the exact reference evaluates the same kernel
+        np.testing.assert_allclose(exact_kde(q[None, :], y[None, :], params), expected, rtol=1e-9)
+    # the antipode never shares a bucket: every sign differs
+    assert sketch.score(-y[None, :].astype(np.float32))[0] == 0.0
+
+
+def test_angular_bucket_ids_do_not_depend_on_the_batch() -> None:
+    """Points whose projection onto one direction is ~1e-7 from 0 (the sign boundary)
+    hash alike in any batch; the code of a row is its K sign bits."""
+    params = SketchParams(hash="angular", dim=384, rows=32, hashes_per_row=8, buckets=256)
+    rng = np.random.default_rng(params.seed)
+    w = rng.standard_normal((params.rows * params.hashes_per_row, params.dim))
+    data = np.random.default_rng(5)
+    pts = []
+    for _ in range(200):
+        x = data.standard_normal(params.dim)
+        x /= np.linalg.norm(x)
+        j = data.integers(len(w))
+        x += (data.choice([-1e-7, 1e-7]) - w[j] @ x) * w[j] / (w[j] @ w[j])
+        pts.append(x / np.linalg.norm(x))
+    x = np.asarray(pts, dtype=np.float32)
+    sketch = RaceSketch(params)
+    whole = sketch.bucket_ids(x)
+    one_by_one = np.concatenate([sketch.bucket_ids(x[i : i + 1]) for i in range(len(x))])
+    assert np.array_equal(whole, one_by_one)
+    assert whole.min() >= 0 and whole.max() < 256
+    assert np.array_equal(sketch.bucket_ids(x * 4.0), whole)  # only the direction counts
+    # row r's code: bit k is sign(w[k * R + r] . x) (float64: the reference)
+    signs = (x.astype(np.float64) @ w.T >= 0).reshape(len(x), 8, 32)
+    codes = (signs * (1 << np.arange(8))[None, :, None]).sum(axis=1)
+    margin = np.abs(x.astype(np.float64) @ w.T).reshape(len(x), 8, 32).min(axis=1) < 1e-9
+    assert np.array_equal(whole[~margin], codes[~margin])  # (ties at 0 aside)
+
+
+def test_angular_sketch_ranks_like_its_exact_kde_and_merges_and_round_trips() -> None:
+    x = clustered(2500, 32, 30, seed=0)
+    params = SketchParams(hash="angular", dim=32, rows=200, hashes_per_row=8, buckets=256)
+    sketch = sketch_of(params, x)
+    exact = exact_kde(x, x, params, exclude_self=True)
+    rho = spearmanr(sketch.estimate_density(x, exclude_self=True), exact).statistic
+    assert rho >= 0.9
+    merged = sketch_of(params, x[:1000]).merge(sketch_of(params, x[1000:]))
+    assert np.array_equal(merged.counts, sketch.counts)
+    back = RaceSketch.from_bytes(sketch.to_bytes())
+    assert back.params == params and np.array_equal(back.counts, sketch.counts)
+    with pytest.raises(FailedPrecondition, match="hash"):
+        sketch.merge(sketch_of(SketchParams(dim=32, rows=200, hashes_per_row=8, buckets=256), x))
+    # a header whose scheme and params disagree is refused
+    raw = sketch.to_bytes()
+    fixed = len(b"SLUICE-RACE\x00") + 4
+    (head_len,) = struct.unpack_from("<I", raw, fixed - 4)
+    header = json.loads(raw[fixed : fixed + head_len])
+    header["hash_scheme"] = HASH_SCHEME
+    head = json.dumps(header, sort_keys=True).encode()
+    forged = raw[: fixed - 4] + struct.pack("<I", len(head)) + head + raw[fixed + head_len :]
+    with pytest.raises(DecodeError, match="angular"):
+        RaceSketch.from_bytes(forged)

@@ -48,7 +48,9 @@ def _store_settings(address: str, create_bucket: bool = True) -> StoreSettings:
 def _part(name: str, version: int, seed: int, n: int) -> SketchState:
     core = DensityCore(
         DensitySettings(
-            sketch=SketchSettings(name=name, version=version, dim=DIM, rows=50, width=1.4)
+            sketch=SketchSettings(
+                name=name, version=version, hash="pstable", dim=DIM, rows=50, width=1.4
+            )
         )
     )
     samples = mixture(seed=seed, big=n, small=(n // 4,)).samples(prefix=f"p{seed}-")
@@ -192,7 +194,7 @@ def test_pass_1_workers_pin_one_auto_width_and_their_parts_merge(s3_server: Serv
     checkpoint pins its choice, the other adopts it, and the merge equals one sketch of
     everything with that width; pass 2 and the merge find it through the pin."""
     store = SketchStore(_store_settings(s3_server.address))
-    sketch = SketchSettings(name="auto", version=2, dim=DIM, rows=32)
+    sketch = SketchSettings(name="auto", version=2, hash="pstable", dim=DIM, rows=32)
 
     def core(mode: str = "two_pass_build") -> DensityCore:
         return DensityCore(DensitySettings(mode=mode, sketch=sketch, calibration_size=64))  # type: ignore[arg-type]
@@ -229,3 +231,41 @@ def test_pass_1_workers_pin_one_auto_width_and_their_parts_merge(s3_server: Serv
     # a restarted worker adopts the pin at assignment and resumes at its checkpoint
     again = PartitionSketches(core(), store)
     assert again.on_assigned([t0]) == {t0: 1}
+
+
+def test_an_angular_k_is_pinned_like_a_width_and_binds_its_family(s3_server: Server) -> None:
+    """Pass-1 workers of an angular sketch with K 'auto' pin K; the merge and pass 2 find
+    the version through the pin; a p-stable worker cannot adopt an angular pin."""
+    store = SketchStore(_store_settings(s3_server.address))
+    sketch = SketchSettings(
+        name="ang", version=1, dim=DIM, rows=32, hash="angular", hashes_per_row="auto"
+    )
+
+    def core(mode: str = "two_pass_build") -> DensityCore:
+        return DensityCore(DensitySettings(mode=mode, sketch=sketch, calibration_size=64))  # type: ignore[arg-type]
+
+    data = mixture(seed=9, big=160, small=(40,)).samples()
+    t0, t1 = TopicPartition("in", 0), TopicPartition("in", 1)
+    a, b = PartitionSketches(core(), store), PartitionSketches(core(), store)
+    assert a.on_assigned([t0]) == {t0: 0} and b.on_assigned([t1]) == {t1: 0}
+    a.on_record(t0, 0)
+    a.process(data[:120])
+    b.on_record(t1, 0)
+    b.process(data[120:])
+    a.checkpoint({t0: 1})  # a pins K from its 120 points
+    b.checkpoint({t1: 1})  # b adopts it
+    k = a.core.params().hashes_per_row
+    assert b.core.params() == a.core.params() and a.core.bandwidth is not None
+    pin = store.pinned_bandwidth("ang", 1, a.core.params_family())
+    assert pin is not None and pin.hashes_per_row == k and pin.rule == "spread/angular/v1"
+
+    merged = merge_version(core(), store)
+    assert merged.n == len(data) and merged.sketch.params.hashes_per_row == k
+    latest = DensityCore(
+        DensitySettings(mode="two_pass_sample", sketch=sketch.model_copy(update={"version": None}))
+    )
+    state = load_reference(latest, store)
+    assert state.version == 1 and latest.params() == merged.sketch.params
+    pstable_family = {"dim": DIM, "rows": 32, "hashes_per_row": 8, "buckets": 4096, "seed": 0}
+    with pytest.raises(FailedPrecondition, match="build a new version"):
+        store.pinned_bandwidth("ang", 1, pstable_family)

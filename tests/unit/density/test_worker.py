@@ -24,7 +24,9 @@ from services.runtime.errors import FailedPrecondition, NotFound
 from tests.unit.density.mixture import mixture
 
 T0, T1 = TopicPartition("in", 0), TopicPartition("in", 1)
-SKETCH = SketchSettings(name="w", version=3, dim=384, rows=16, buckets=128, width=1.4)
+SKETCH = SketchSettings(
+    name="w", version=3, hash="pstable", dim=384, rows=16, buckets=128, width=1.4
+)
 
 
 class MemoryStore:

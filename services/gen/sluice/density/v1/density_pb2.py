@@ -26,47 +26,47 @@ _sym_db = _symbol_database.Default()
 from services.gen.sluice.common.v1 import sample_pb2 as sluice_dot_common_dot_v1_dot_sample__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsluice/density/v1/density.proto\x12\x11sluice.density.v1\x1a\x1dsluice/common/v1/sample.proto\"o\n\x0cSketchParams\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x16\n\x0ehashes_per_row\x18\x03 \x01(\r\x12\x0f\n\x07\x62uckets\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"b\n\rEmbedResponse\x12-\n\nembeddings\x18\x01 \x03(\x0b\x32\x19.sluice.density.v1.Vector\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"O\n\x12\x41\x64\x64ToSketchRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.sluice.common.v1.Sample\"D\n\x13\x41\x64\x64ToSketchResponse\x12\t\n\x01n\x18\x01 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\"\"\n\x10GetSketchRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\"r\n\x11GetSketchResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12/\n\x06params\x18\x02 \x01(\x0b\x32\x1f.sluice.density.v1.SketchParams\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\t\n\x01n\x18\x04 \x01(\x04\"2\n\x12MergeSketchRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x13MergeSketchResponse\x12\t\n\x01n\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"I\n\x0cScoreRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.sluice.common.v1.Sample\",\n\rSampleDensity\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x01\"b\n\rScoreResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .sluice.density.v1.SampleDensity\x12\t\n\x01n\x18\x02 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\"\xb0\x01\n\rSampleRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.sluice.common.v1.Sample\x12\x13\n\x0btarget_rate\x18\x03 \x01(\x01\x12\x33\n\x0b\x63\x61libration\x18\x04 \x01(\x0e\x32\x1e.sluice.density.v1.Calibration\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"p\n\x0eSampleDecision\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x01\x12\x18\n\x10keep_probability\x18\x03 \x01(\x01\x12\x0c\n\x04kept\x18\x04 \x01(\x08\x12\x19\n\x11importance_weight\x18\x05 \x01(\x01\"\xa4\x01\n\x0eSampleResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.sluice.density.v1.SampleDecision\x12\t\n\x01\x63\x18\x02 \x01(\x01\x12\x33\n\x0b\x63\x61libration\x18\x03 \x01(\x0e\x32\x1e.sluice.density.v1.Calibration\x12\t\n\x01n\x18\x04 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t*[\n\x0b\x43\x61libration\x12\x1b\n\x17\x43\x41LIBRATION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41LIBRATION_SKETCH\x10\x01\x12\x17\n\x13\x43\x41LIBRATION_REQUEST\x10\x02\x32\x8b\x04\n\x0e\x44\x65nsityService\x12J\n\x05\x45mbed\x12\x1f.sluice.density.v1.EmbedRequest\x1a .sluice.density.v1.EmbedResponse\x12\\\n\x0b\x41\x64\x64ToSketch\x12%.sluice.density.v1.AddToSketchRequest\x1a&.sluice.density.v1.AddToSketchResponse\x12V\n\tGetSketch\x12#.sluice.density.v1.GetSketchRequest\x1a$.sluice.density.v1.GetSketchResponse\x12\\\n\x0bMergeSketch\x12%.sluice.density.v1.MergeSketchRequest\x1a&.sluice.density.v1.MergeSketchResponse\x12J\n\x05Score\x12\x1f.sluice.density.v1.ScoreRequest\x1a .sluice.density.v1.ScoreResponse\x12M\n\x06Sample\x12 .sluice.density.v1.SampleRequest\x1a!.sluice.density.v1.SampleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsluice/density/v1/density.proto\x12\x11sluice.density.v1\x1a\x1dsluice/common/v1/sample.proto\"}\n\x0cSketchParams\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x16\n\x0ehashes_per_row\x18\x03 \x01(\r\x12\x0f\n\x07\x62uckets\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0c\n\x04hash\x18\x07 \x01(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"b\n\rEmbedResponse\x12-\n\nembeddings\x18\x01 \x03(\x0b\x32\x19.sluice.density.v1.Vector\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"O\n\x12\x41\x64\x64ToSketchRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.sluice.common.v1.Sample\"D\n\x13\x41\x64\x64ToSketchResponse\x12\t\n\x01n\x18\x01 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\"\"\n\x10GetSketchRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\"r\n\x11GetSketchResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12/\n\x06params\x18\x02 \x01(\x0b\x32\x1f.sluice.density.v1.SketchParams\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\t\n\x01n\x18\x04 \x01(\x04\"2\n\x12MergeSketchRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x13MergeSketchResponse\x12\t\n\x01n\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"I\n\x0cScoreRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.sluice.common.v1.Sample\",\n\rSampleDensity\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x01\"b\n\rScoreResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .sluice.density.v1.SampleDensity\x12\t\n\x01n\x18\x02 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\"\xb0\x01\n\rSampleRequest\x12\x0e\n\x06sketch\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.sluice.common.v1.Sample\x12\x13\n\x0btarget_rate\x18\x03 \x01(\x01\x12\x33\n\x0b\x63\x61libration\x18\x04 \x01(\x0e\x32\x1e.sluice.density.v1.Calibration\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"p\n\x0eSampleDecision\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x01\x12\x18\n\x10keep_probability\x18\x03 \x01(\x01\x12\x0c\n\x04kept\x18\x04 \x01(\x08\x12\x19\n\x11importance_weight\x18\x05 \x01(\x01\"\xa4\x01\n\x0eSampleResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.sluice.density.v1.SampleDecision\x12\t\n\x01\x63\x18\x02 \x01(\x01\x12\x33\n\x0b\x63\x61libration\x18\x03 \x01(\x0e\x32\x1e.sluice.density.v1.Calibration\x12\t\n\x01n\x18\x04 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t*[\n\x0b\x43\x61libration\x12\x1b\n\x17\x43\x41LIBRATION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41LIBRATION_SKETCH\x10\x01\x12\x17\n\x13\x43\x41LIBRATION_REQUEST\x10\x02\x32\x8b\x04\n\x0e\x44\x65nsityService\x12J\n\x05\x45mbed\x12\x1f.sluice.density.v1.EmbedRequest\x1a .sluice.density.v1.EmbedResponse\x12\\\n\x0b\x41\x64\x64ToSketch\x12%.sluice.density.v1.AddToSketchRequest\x1a&.sluice.density.v1.AddToSketchResponse\x12V\n\tGetSketch\x12#.sluice.density.v1.GetSketchRequest\x1a$.sluice.density.v1.GetSketchResponse\x12\\\n\x0bMergeSketch\x12%.sluice.density.v1.MergeSketchRequest\x1a&.sluice.density.v1.MergeSketchResponse\x12J\n\x05Score\x12\x1f.sluice.density.v1.ScoreRequest\x1a .sluice.density.v1.ScoreResponse\x12M\n\x06Sample\x12 .sluice.density.v1.SampleRequest\x1a!.sluice.density.v1.SampleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.density.v1.density_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALIBRATION']._serialized_start=1446
-  _globals['_CALIBRATION']._serialized_end=1537
+  _globals['_CALIBRATION']._serialized_start=1460
+  _globals['_CALIBRATION']._serialized_end=1551
   _globals['_SKETCHPARAMS']._serialized_start=85
-  _globals['_SKETCHPARAMS']._serialized_end=196
-  _globals['_VECTOR']._serialized_start=198
-  _globals['_VECTOR']._serialized_end=222
-  _globals['_EMBEDREQUEST']._serialized_start=224
-  _globals['_EMBEDREQUEST']._serialized_end=253
-  _globals['_EMBEDRESPONSE']._serialized_start=255
-  _globals['_EMBEDRESPONSE']._serialized_end=353
-  _globals['_ADDTOSKETCHREQUEST']._serialized_start=355
-  _globals['_ADDTOSKETCHREQUEST']._serialized_end=434
-  _globals['_ADDTOSKETCHRESPONSE']._serialized_start=436
-  _globals['_ADDTOSKETCHRESPONSE']._serialized_end=504
-  _globals['_GETSKETCHREQUEST']._serialized_start=506
-  _globals['_GETSKETCHREQUEST']._serialized_end=540
-  _globals['_GETSKETCHRESPONSE']._serialized_start=542
-  _globals['_GETSKETCHRESPONSE']._serialized_end=656
-  _globals['_MERGESKETCHREQUEST']._serialized_start=658
-  _globals['_MERGESKETCHREQUEST']._serialized_end=708
-  _globals['_MERGESKETCHRESPONSE']._serialized_start=710
-  _globals['_MERGESKETCHRESPONSE']._serialized_end=763
-  _globals['_SCOREREQUEST']._serialized_start=765
-  _globals['_SCOREREQUEST']._serialized_end=838
-  _globals['_SAMPLEDENSITY']._serialized_start=840
-  _globals['_SAMPLEDENSITY']._serialized_end=884
-  _globals['_SCORERESPONSE']._serialized_start=886
-  _globals['_SCORERESPONSE']._serialized_end=984
-  _globals['_SAMPLEREQUEST']._serialized_start=987
-  _globals['_SAMPLEREQUEST']._serialized_end=1163
-  _globals['_SAMPLEDECISION']._serialized_start=1165
-  _globals['_SAMPLEDECISION']._serialized_end=1277
-  _globals['_SAMPLERESPONSE']._serialized_start=1280
-  _globals['_SAMPLERESPONSE']._serialized_end=1444
-  _globals['_DENSITYSERVICE']._serialized_start=1540
-  _globals['_DENSITYSERVICE']._serialized_end=2063
+  _globals['_SKETCHPARAMS']._serialized_end=210
+  _globals['_VECTOR']._serialized_start=212
+  _globals['_VECTOR']._serialized_end=236
+  _globals['_EMBEDREQUEST']._serialized_start=238
+  _globals['_EMBEDREQUEST']._serialized_end=267
+  _globals['_EMBEDRESPONSE']._serialized_start=269
+  _globals['_EMBEDRESPONSE']._serialized_end=367
+  _globals['_ADDTOSKETCHREQUEST']._serialized_start=369
+  _globals['_ADDTOSKETCHREQUEST']._serialized_end=448
+  _globals['_ADDTOSKETCHRESPONSE']._serialized_start=450
+  _globals['_ADDTOSKETCHRESPONSE']._serialized_end=518
+  _globals['_GETSKETCHREQUEST']._serialized_start=520
+  _globals['_GETSKETCHREQUEST']._serialized_end=554
+  _globals['_GETSKETCHRESPONSE']._serialized_start=556
+  _globals['_GETSKETCHRESPONSE']._serialized_end=670
+  _globals['_MERGESKETCHREQUEST']._serialized_start=672
+  _globals['_MERGESKETCHREQUEST']._serialized_end=722
+  _globals['_MERGESKETCHRESPONSE']._serialized_start=724
+  _globals['_MERGESKETCHRESPONSE']._serialized_end=777
+  _globals['_SCOREREQUEST']._serialized_start=779
+  _globals['_SCOREREQUEST']._serialized_end=852
+  _globals['_SAMPLEDENSITY']._serialized_start=854
+  _globals['_SAMPLEDENSITY']._serialized_end=898
+  _globals['_SCORERESPONSE']._serialized_start=900
+  _globals['_SCORERESPONSE']._serialized_end=998
+  _globals['_SAMPLEREQUEST']._serialized_start=1001
+  _globals['_SAMPLEREQUEST']._serialized_end=1177
+  _globals['_SAMPLEDECISION']._serialized_start=1179
+  _globals['_SAMPLEDECISION']._serialized_end=1291
+  _globals['_SAMPLERESPONSE']._serialized_start=1294
+  _globals['_SAMPLERESPONSE']._serialized_end=1458
+  _globals['_DENSITYSERVICE']._serialized_start=1554
+  _globals['_DENSITYSERVICE']._serialized_end=2077
 # @@protoc_insertion_point(module_scope)

@@ -19,20 +19,22 @@ CALIBRATION_SKETCH: Calibration
 CALIBRATION_REQUEST: Calibration
 
 class SketchParams(_message.Message):
-    __slots__ = ("dim", "rows", "hashes_per_row", "buckets", "width", "seed")
+    __slots__ = ("dim", "rows", "hashes_per_row", "buckets", "width", "seed", "hash")
     DIM_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     HASHES_PER_ROW_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
     dim: int
     rows: int
     hashes_per_row: int
     buckets: int
     width: float
     seed: int
-    def __init__(self, dim: _Optional[int] = ..., rows: _Optional[int] = ..., hashes_per_row: _Optional[int] = ..., buckets: _Optional[int] = ..., width: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    hash: str
+    def __init__(self, dim: _Optional[int] = ..., rows: _Optional[int] = ..., hashes_per_row: _Optional[int] = ..., buckets: _Optional[int] = ..., width: _Optional[float] = ..., seed: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
 
 class Vector(_message.Message):
     __slots__ = ("values",)
