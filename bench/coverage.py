@@ -5,20 +5,21 @@ covered, for the density stage vs uniform random vs exact-KDE inverse-density sa
 embeds six domains of real text of very different sizes (``bench.coverage_corpus``: package
 docs, the Python reference, news, movie reviews, licences, Russian fiction; all from
 installed packages) with the packaged all-MiniLM-L6-v2, runs the density stage on them as
-``sluice run`` does (``run_bounded``: both passes in process, the default settings,
-``sketch.width: auto``; ``--sketch`` overrides a sketch setting), and compares at each
-target rate:
+``sluice run`` does (``run_bounded``: both passes in process, the default settings: an
+angular sketch with ``hashes_per_row: auto``; ``--sketch`` overrides a sketch setting, e.g.
+``--sketch hash=pstable`` for the p-stable family), and compares at each target rate:
 
 - **random**: uniform sampling at the rate (expected kept share = the rate everywhere);
 - **exact**: inverse-density sampling with the exact KDE of the same kernel (the sketch's
-  chosen width and K), p = min(1, c / density), c calibrated to the rate; like the stage,
+  family and chosen K or width), p = min(1, c / density), c calibrated to the rate; like the stage,
   each text's density is that of the *other* texts (its own k = 1 left out);
 - **sketch**: the stage's own densities and decisions;
 - **gauss**: a reference outside the sketch's reach: inverse-density sampling with an exact
-  *Gaussian* KDE, its bandwidth h chosen by the same criterion as ``width: auto`` (the h that
-  maximises the spread of log-density). It shows how much the kernel's shape, not its
-  width, limits coverage: the sketch's collision kernel p(c / width)^K has a log that is
-  linear (Laplace-like) near 0 and flattens far away, a Gaussian's falls ever faster.
+  *Gaussian* KDE, its bandwidth h chosen by the same criterion as the sketch's ``auto``
+  (the h that maximises the spread of log-density). It shows how much the kernel's shape,
+  not its width, limits coverage: the p-stable kernel p(c / width)^K has a log that is
+  linear (Laplace-like) near 0 and flattens far away; the angular (1 - angle / pi)^K's and
+  a Gaussian's fall ever faster.
 
 Kept shares are expected values (mean keep probability per domain: no sampling noise on a
 domain of 19 texts); "kept" counts the stage's actual decisions. Clusters: k-means on the

@@ -28,6 +28,14 @@ the number of occupied cells per row so the collision noise stays small.
 at c ~ 0.68 width, and a larger K raises it to a higher power (a sharper kernel, fewer
 far-away collisions). See ``services.density.exact`` for how to choose them.
 
+**The angular family** (``SketchParams.hash = "angular"``, the stage's default). Row r's
+hash is instead the K sign bits of w_j . x, w_j ~ N(0, I) (sign random projections,
+Charikar 2002), read as a K-bit number: the bucket itself, B = 2^K, no rehash. Two points
+at angle theta share it with probability (1 - theta / pi)^K, so the score is an unbiased
+estimate of that kernel's density with no n/B background. Its log falls ever faster with
+the angle (the p-stable kernel's only linearly near 0, then flattens), which separates
+topics better; K alone is its bandwidth (no width). See ``_AngularHasher``.
+
 **Geometry.** Embeddings are L2-normalised before hashing, so distances are those of cosine
 geometry (||x - y||^2 = 2 - 2 cos); a zero vector is hashed as the origin.
 

@@ -319,10 +319,19 @@ def test_a_width_too_small_for_exact_hashing_is_refused() -> None:
         RaceSketch(SketchParams(dim=384, width=1e-6))
 
 
-def test_the_device_tensor_path_counts_and_scores_like_the_host_path() -> None:
+@pytest.mark.parametrize(
+    "params",
+    [
+        SketchParams(dim=16, rows=24, hashes_per_row=3, buckets=512, width=0.8, seed=2),
+        SketchParams(hash="angular", dim=16, rows=24, hashes_per_row=9, buckets=512, seed=2),
+    ],
+    ids=["pstable", "angular"],
+)
+def test_the_device_tensor_path_counts_and_scores_like_the_host_path(
+    params: SketchParams,
+) -> None:
     """``tensor_counts`` is what a CUDA sketch runs (bincount on the device, one copy back;
     lookups on a device copy): run on CPU tensors, it must equal the in-place host path."""
-    params = SketchParams(dim=16, rows=24, hashes_per_row=3, buckets=512, width=0.8, seed=2)
     x = clustered(3000, 16, 5, seed=3)
     host, tensor = RaceSketch(params), RaceSketch(params, tensor_counts=True)
     assert not host.tensor_counts and tensor.tensor_counts
