@@ -163,6 +163,20 @@ def log_density_spread(sample: np.ndarray, widths: np.ndarray, hashes_per_row: i
     return out
 
 
+def _spacing(sample: np.ndarray, rule: str, quantile: float) -> tuple[np.ndarray, np.ndarray]:
+    """Check the rule's arguments; (the sample the rule reads, its finite nearest-neighbour
+    distances): the spread rule reads at most ``SPREAD_SAMPLE`` points."""
+    if rule not in RULES:
+        raise InvalidArgument(f"unknown bandwidth rule {rule!r}; known: {', '.join(RULES)}")
+    if not 0.0 < quantile < 1.0:
+        raise InvalidArgument(f"quantile must be in (0, 1), got {quantile}")
+    arr = np.asarray(sample)
+    if rule == "spread" and len(arr) > SPREAD_SAMPLE:
+        arr = arr[:SPREAD_SAMPLE]  # a bottom-k sample: any prefix is uniform too
+    nn = nearest_neighbour_distances(arr) if len(arr) >= 2 else np.zeros(0)
+    return arr, nn[np.isfinite(nn)]
+
+
 def choose_width(
     sample: np.ndarray,
     hashes_per_row: int,
@@ -173,16 +187,8 @@ def choose_width(
 ) -> BandwidthChoice:
     """The width ``rule`` picks for this sample (the module doc), rounded to 4 significant
     digits so that it reads well in a fingerprint and a manifest."""
-    if rule not in RULES:
-        raise InvalidArgument(f"unknown bandwidth rule {rule!r}; known: {', '.join(RULES)}")
-    if not 0.0 < quantile < 1.0:
-        raise InvalidArgument(f"quantile must be in (0, 1), got {quantile}")
+    arr, finite = _spacing(sample, rule, quantile)
     scale = kernel_scale(kernel, hashes_per_row)
-    arr = np.asarray(sample)
-    if rule == "spread" and len(arr) > SPREAD_SAMPLE:
-        arr = arr[:SPREAD_SAMPLE]  # a bottom-k sample: any prefix is uniform too
-    nn = nearest_neighbour_distances(arr) if len(arr) >= 2 else np.zeros(0)
-    finite = nn[np.isfinite(nn)]
     if finite.size == 0:
         return BandwidthChoice(FALLBACK_WIDTH, "fallback", len(arr), quantile, kernel, 0.0)
     if rule == "nn_quantile":
@@ -221,17 +227,9 @@ def choose_hashes(
     """K (1 to ``MAX_AUTO_HASHES``) of an angular sketch, the kernel (1 - theta / pi)^K,
     as ``rule`` picks it for this sample (the module doc); the width is the constant
     ``ANGULAR_WIDTH``."""
-    if rule not in RULES:
-        raise InvalidArgument(f"unknown bandwidth rule {rule!r}; known: {', '.join(RULES)}")
-    if not 0.0 < quantile < 1.0:
-        raise InvalidArgument(f"quantile must be in (0, 1), got {quantile}")
     if not 0.0 < kernel < 1.0:
         raise InvalidArgument(f"kernel value must be in (0, 1), got {kernel}")
-    arr = np.asarray(sample)
-    if rule == "spread" and len(arr) > SPREAD_SAMPLE:
-        arr = arr[:SPREAD_SAMPLE]  # a bottom-k sample: any prefix is uniform too
-    nn = nearest_neighbour_distances(arr) if len(arr) >= 2 else np.zeros(0)
-    finite = nn[np.isfinite(nn)]
+    arr, finite = _spacing(sample, rule, quantile)
     if finite.size == 0:
         return BandwidthChoice(
             ANGULAR_WIDTH, "fallback", len(arr), quantile, kernel, 0.0, FALLBACK_HASHES
