@@ -18,6 +18,7 @@ from services.density.settings import DensitySettings, SketchSettings, StoreSett
 from services.density.state import SketchState
 from services.density.store import Checkpoint, SketchStore
 from services.density.worker import PartitionSketches, load_reference, merge_version
+from services.runtime.domain import Sample
 from services.runtime.errors import (
     ConfigError,
     DecodeError,
@@ -189,6 +190,21 @@ def test_the_first_pinned_width_wins_and_binds_its_params(s3_server: Server) -> 
         store.pinned_bandwidth("news", 4, {**family, "hashes_per_row": 4})
 
 
+def _two_builders(
+    core_a: DensityCore, core_b: DensityCore, store: SketchStore, data: list[Sample]
+) -> tuple[PartitionSketches, PartitionSketches]:
+    """Two pass-1 workers: a owns partition in-0 and has read data[:120] at offset 0,
+    b in-1 and the rest; nothing checkpointed yet."""
+    t0, t1 = TopicPartition("in", 0), TopicPartition("in", 1)
+    a, b = PartitionSketches(core_a, store), PartitionSketches(core_b, store)
+    assert a.on_assigned([t0]) == {t0: 0} and b.on_assigned([t1]) == {t1: 0}
+    a.on_record(t0, 0)
+    a.process(data[:120])
+    b.on_record(t1, 0)
+    b.process(data[120:])
+    return a, b
+
+
 def test_pass_1_workers_pin_one_auto_width_and_their_parts_merge(s3_server: Server) -> None:
     """Two pass-1 workers with width 'auto' read different partitions: the first to
     checkpoint pins its choice, the other adopts it, and the merge equals one sketch of
@@ -201,12 +217,7 @@ def test_pass_1_workers_pin_one_auto_width_and_their_parts_merge(s3_server: Serv
 
     data = mixture(seed=9, big=160, small=(40,)).samples()
     t0, t1 = TopicPartition("in", 0), TopicPartition("in", 1)
-    a, b = PartitionSketches(core(), store), PartitionSketches(core(), store)
-    assert a.on_assigned([t0]) == {t0: 0} and b.on_assigned([t1]) == {t1: 0}
-    a.on_record(t0, 0)
-    a.process(data[:120])
-    b.on_record(t1, 0)
-    b.process(data[120:])
+    a, b = _two_builders(core(), core(), store, data)
     b.checkpoint({t1: 1})  # b pins (from its 80 points) and writes the first checkpoint
     a.checkpoint({t0: 1})  # a adopts b's width
     width = b.core.width
@@ -246,12 +257,7 @@ def test_an_angular_k_is_pinned_like_a_width_and_binds_its_family(s3_server: Ser
 
     data = mixture(seed=9, big=160, small=(40,)).samples()
     t0, t1 = TopicPartition("in", 0), TopicPartition("in", 1)
-    a, b = PartitionSketches(core(), store), PartitionSketches(core(), store)
-    assert a.on_assigned([t0]) == {t0: 0} and b.on_assigned([t1]) == {t1: 0}
-    a.on_record(t0, 0)
-    a.process(data[:120])
-    b.on_record(t1, 0)
-    b.process(data[120:])
+    a, b = _two_builders(core(), core(), store, data)
     a.checkpoint({t0: 1})  # a pins K from its 120 points
     b.checkpoint({t1: 1})  # b adopts it
     k = a.core.params().hashes_per_row
