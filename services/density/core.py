@@ -563,8 +563,9 @@ class DensityCore:
         return self._outcomes(state, samples, vecs, decisions)
 
     def new_unsized_state(self) -> SketchState:
-        """A placeholder for outcomes before an 'auto' width is chosen (never stored)."""
-        params = self.settings.sketch.params(self.dim, 1.0)
+        """A placeholder for outcomes before an 'auto' bandwidth is chosen (never stored):
+        width 1 or K = 1, the smallest sketch of the configured family."""
+        params = self.settings.sketch.params(self.dim, 1.0, 1)
         calib = CalibrationSample(self.settings.calibration_size, params.dim, self.settings.seed)
         return SketchState(self.name, RaceSketch(params), calib, self.embedding_model)
 

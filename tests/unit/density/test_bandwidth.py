@@ -214,3 +214,16 @@ def test_angular_settings_choose_k_in_a_bounded_run_and_record_it() -> None:
     pstable.add(core.name, data.samples()[:20])
     with pytest.raises(FailedPrecondition, match="pstable sketch"):
         other.install(pstable.state())
+
+
+def test_angular_online_holds_the_warm_up_then_chooses_k_from_it() -> None:
+    data = mixture(seed=6, big=150, small=(30,)).samples()
+    sketch = SketchSettings(dim=DIM, rows=32)  # the defaults: angular, K auto
+    core = DensityCore(DensitySettings(sketch=sketch, mode="online", warmup=100, target_rate=0.5))
+    core.online_batch(data[:60], core.vectors(data[:60]))
+    assert core.width is None and core.bandwidth is None  # warm-up: held, K unchosen
+    core.online_batch(data[60:], core.vectors(data[60:]))
+    chosen = core.bandwidth
+    assert chosen is not None and chosen.hashes_per_row > 0
+    assert core.state().n == len(data)
+    assert core.state().sketch.params.hashes_per_row == chosen.hashes_per_row
