@@ -11,7 +11,11 @@ Delivery is one switch, ``kafka.processing_guarantee``:
   however often a worker is killed. A restarted worker with the same ``kafka.instance_id``
   fences its previous incarnation at once (``init_transactions``) and rejoins the group as
   the same static member; zombies of an old group generation are fenced by the broker when
-  they try to commit offsets.
+  they try to commit offsets. A rebalance while a transaction is open drops it (nothing of it
+  was sent): committed afterwards, under the new generation, the broker would accept offsets
+  of partitions that moved, whose new owner has already re-read them from the committed
+  offsets, and their outputs would appear twice. The dropped records are read again from
+  where the transaction started, by whoever owns each partition now.
 - ``at_least_once``: a record's offset is committed only after every output it produced
   was acknowledged (acks=all), and only the unbroken run of finished records of each
   partition; a crash between acknowledgement and commit redelivers those records.
@@ -214,12 +218,14 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         if not revoked:
             return
         log.info("stage %s revoked: %s", self.worker.stage, _names(revoked))
+        self.worker._drop_open_transaction(sorted(revoked))
         if self.worker.state is not None:
             self.worker.state.on_revoked(sorted(revoked))
         self.worker._forget_committed(sorted(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("stage %s assigned: %s", self.worker.stage, _names(assigned) or "nothing")
+        self.worker._rewind_dropped(sorted(assigned))
         if assigned:
             self.worker._resume(sorted(assigned))
 
@@ -269,6 +275,10 @@ class StageWorker:
         self._stop = threading.Event()
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
+        self._txn: _Transaction | None = None
+        """exactly_once: the open transaction (outputs buffered, nothing sent yet)."""
+        self._dropped_starts: dict[TopicPartition, int] = {}
+        """First offsets of a transaction a rebalance dropped, to rewind to if reassigned."""
 
     @property
     def exactly_once(self) -> bool:
@@ -421,10 +431,11 @@ class StageWorker:
             self.settings.processing_guarantee,
             self.produce_limit,
         )
-        txn: _Transaction | None = None
+        self._txn = None
         clean = False
         try:
             while not self._stop.is_set():
+                # a rebalance inside poll drops the open transaction (_drop_open_transaction)
                 polled = consumer.poll(
                     timeout_ms=self.settings.poll_timeout_ms,
                     max_records=self.settings.max_poll_records,
@@ -435,11 +446,12 @@ class StageWorker:
                     if not self.exactly_once:
                         self._handle_poll(consumer, producer, polled)
                     else:
-                        txn = txn or _Transaction(time.monotonic())
-                        self._add_to_transaction(txn, polled)
+                        self._txn = self._txn or _Transaction(time.monotonic())
+                        self._add_to_transaction(self._txn, polled)
+                txn = self._txn
                 if txn is not None and (not polled or txn.due(self.settings)):
+                    self._txn = None
                     self._commit_transaction(consumer, producer, txn)
-                    txn = None
                 if (
                     not polled
                     and idle_timeout_s is not None
@@ -448,6 +460,7 @@ class StageWorker:
                     break
             clean = True
         finally:
+            txn, self._txn = self._txn, None
             if txn is not None and clean:  # stopped on request: keep what is done
                 self._commit_transaction(consumer, producer, txn)
             consumer.close(autocommit=False)
@@ -545,6 +558,51 @@ class StageWorker:
             raise Unavailable(f"producer fenced by a newer instance: {exc}") from exc
         except KafkaError as exc:
             self._abort(consumer, producer, txn, exc, began=began)
+
+    def _drop_open_transaction(self, revoked: list[TopicPartition]) -> None:
+        """A rebalance is taking ``revoked`` away while a transaction is open (its outputs
+        buffered, nothing sent yet): drop the transaction whole.
+
+        Committed after the rebalance, its offsets would be accepted: KIP-447 fences a
+        member of an *old* generation, and this member commits with the new one, but the
+        broker does not check that the partitions are still the member's. Their new owner
+        has already resumed from the offsets committed before, so every record of the
+        transaction from a moved partition would be output twice. Dropped, its records are
+        read again from where it started: by their new owner from the committed offsets,
+        by this worker from ``_rewind_dropped`` when it is given a partition back (the
+        consumer may keep the position of a partition it is reassigned)."""
+        txn = self._txn
+        if txn is None or not (txn.start or txn.buffer.items):
+            return
+        self._txn = None
+        self.stats.aborts += 1
+        self._dropped_starts.update(txn.start)
+        log.warning(
+            "rebalance revoked %s during an open transaction: dropped its %d records (not "
+            "sent); they are read again from where it started",
+            _names(revoked),
+            txn.records,
+        )
+        gone = set(revoked)
+        kept = sorted(tp for tp in txn.start if tp not in gone)
+        if kept:  # a cooperative rebalance keeps some partitions: rewind them now
+            self._rewind_dropped(kept)
+            self._forget_committed(kept)
+            if self.commit_state is not None:
+                self._unrestored.update(kept)
+            if self.state is not None:
+                self.state.on_revoked(kept)
+                self._resume(kept)
+
+    def _rewind_dropped(self, assigned: list[TopicPartition]) -> None:
+        """Seek the partitions of a dropped transaction that this worker owns to where the
+        transaction started; forget the rest (their owner resumes from committed offsets)."""
+        starts, self._dropped_starts = self._dropped_starts, {}
+        if self._consumer is None:
+            return
+        for tp in assigned:
+            if tp in starts:
+                self._consumer.seek(tp, starts[tp])
 
     def _abort(
         self,

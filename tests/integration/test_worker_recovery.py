@@ -44,12 +44,15 @@ def _worker(
     group: str,
     log: Path,
     guarantee: str = "exactly_once",
+    *,
+    instance: str = "worker-0",
+    extra: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "SLUICE_SCORING_KAFKA__PROCESSING_GUARANTEE": guarantee,
         # the same identity on every restart: fences the killed incarnation at once
-        "SLUICE_SCORING_KAFKA__INSTANCE_ID": f"{group}-worker-0",
+        "SLUICE_SCORING_KAFKA__INSTANCE_ID": f"{group}-{instance}",
         "SLUICE_SCORING_STEPS": json.dumps(["heuristics"]),
         "SLUICE_SCORING_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "SLUICE_SCORING_KAFKA__INPUT_TOPIC": ingest,
@@ -58,6 +61,7 @@ def _worker(
         "SLUICE_SCORING_KAFKA__MAX_POLL_RECORDS": "1",
         "SLUICE_SCORING_DROPPED_TOPIC": dropped,
         "SLUICE_SCORING_METRICS__ENABLED": "false",
+        **(extra or {}),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "services.scoring", "worker"],
@@ -150,3 +154,71 @@ def test_kill9_then_restart_loses_nothing(
         read_topic(kafka_bootstrap, dropped, expect=1, timeout_s=3)
     )
     assert after == before
+
+
+def test_a_rebalance_during_an_open_transaction_outputs_nothing_twice(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """exactly_once, two workers. Worker A holds one long transaction open (interval 20 s,
+    input arriving every 30 ms, so no idle poll closes it) when worker B joins and takes
+    half of A's partitions, which B reads from their committed offsets (none yet). Had A
+    committed that transaction after the rebalance, the broker would accept it (A commits
+    under the new generation) and every record of a moved partition would be output twice;
+    A must drop it instead. A read_committed reader sees every sample exactly once."""
+    ingest, out, dropped, group = unique("ing"), unique("out"), unique("drop"), unique("grp")
+    ensure_topics(kafka_bootstrap, [ingest, out, dropped, f"{ingest}.dlq"], partitions=4)
+    slow_commits = {"SLUICE_SCORING_KAFKA__TRANSACTION_INTERVAL_MS": "20000"}
+    samples = [Sample(id=f"r{i:05d}", text=f"Paragraph {i} of a report. " * 8) for i in range(2000)]
+    producer = KafkaProducer(bootstrap_servers=[kafka_bootstrap], acks="all", linger_ms=0)
+
+    def feed(part: list[Sample]) -> None:
+        for i in range(0, len(part), 10):
+            publish(producer, ingest, part[i : i + 10], batch_size=10, batch_prefix=f"f{i}")
+            time.sleep(0.03)
+
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a = _worker(kafka_bootstrap, ingest, out, dropped, group, logs[0], extra=slow_commits)
+    workers = [a]
+    try:
+        deadline = time.monotonic() + 60
+        while "assigned: " + ingest not in logs[0].read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        feed(samples[:600])  # A's transaction is open and holds these
+        workers.append(
+            _worker(
+                kafka_bootstrap,
+                ingest,
+                out,
+                dropped,
+                group,
+                logs[1],
+                instance="worker-1",
+                extra=slow_commits,
+            )
+        )
+        feed(samples[600:])  # B joins meanwhile; A keeps polling data
+        producer.close()
+        deadline = time.monotonic() + 120
+        seen: list[str] = []
+        while time.monotonic() < deadline and len(set(seen)) < len(samples):
+            recs = read_topic(kafka_bootstrap, out, expect=1, timeout_s=2) + read_topic(
+                kafka_bootstrap, dropped, expect=1, timeout_s=2
+            )
+            seen = [s.id for b in decode_all(recs) for s in b.samples]
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w, log in zip(workers, logs, strict=True):
+            assert w.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    both = logs[0].read_text() + logs[1].read_text()
+    assert both.count("assigned: ") >= 3, "B never took partitions from A: no rebalance"
+    recs = read_topic(kafka_bootstrap, out, expect=1, timeout_s=3) + read_topic(
+        kafka_bootstrap, dropped, expect=1, timeout_s=3
+    )
+    seen = [s.id for b in decode_all(recs) for s in b.samples]
+    twice = len(seen) - len(set(seen))
+    assert twice == 0, f"{twice} samples output twice"
+    assert sorted(seen) == sorted(s.id for s in samples), "lost samples"
