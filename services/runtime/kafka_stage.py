@@ -11,11 +11,11 @@ Delivery is one switch, ``kafka.processing_guarantee``:
   however often a worker is killed. A restarted worker with the same ``kafka.instance_id``
   fences its previous incarnation at once (``init_transactions``) and rejoins the group as
   the same static member; zombies of an old group generation are fenced by the broker when
-  they try to commit offsets. A rebalance while a transaction is open drops it (nothing of it
-  was sent): committed afterwards, under the new generation, the broker would accept offsets
-  of partitions that moved, whose new owner has already re-read them from the committed
-  offsets, and their outputs would appear twice. The dropped records are read again from
-  where the transaction started, by whoever owns each partition now.
+  they try to commit offsets. A rebalance that moves a partition of the open transaction
+  drops it (nothing of it was sent): committed afterwards, under the new generation, the
+  broker would accept offsets of partitions that moved, whose new owner has already re-read
+  them from the committed offsets, and their outputs would appear twice. The dropped records
+  are read again from where the transaction started, by whoever owns each partition now.
 - ``at_least_once``: a record's offset is committed only after every output it produced
   was acknowledged (acks=all), and only the unbroken run of finished records of each
   partition; a crash between acknowledgement and commit redelivers those records.
@@ -218,14 +218,14 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         if not revoked:
             return
         log.info("stage %s revoked: %s", self.worker.stage, _names(revoked))
-        self.worker._drop_open_transaction(sorted(revoked))
+        self.worker._park_open_transaction()
         if self.worker.state is not None:
             self.worker.state.on_revoked(sorted(revoked))
         self.worker._forget_committed(sorted(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("stage %s assigned: %s", self.worker.stage, _names(assigned) or "nothing")
-        self.worker._rewind_dropped(sorted(assigned))
+        self.worker._settle_parked_transaction(sorted(assigned))
         if assigned:
             self.worker._resume(sorted(assigned))
 
@@ -277,8 +277,8 @@ class StageWorker:
         self._producer: KafkaProducer | None = None
         self._txn: _Transaction | None = None
         """exactly_once: the open transaction (outputs buffered, nothing sent yet)."""
-        self._dropped_starts: dict[TopicPartition, int] = {}
-        """First offsets of a transaction a rebalance dropped, to rewind to if reassigned."""
+        self._parked: _Transaction | None = None
+        """The open transaction while a rebalance decides whether it may go on."""
 
     @property
     def exactly_once(self) -> bool:
@@ -435,7 +435,7 @@ class StageWorker:
         clean = False
         try:
             while not self._stop.is_set():
-                # a rebalance inside poll drops the open transaction (_drop_open_transaction)
+                # a rebalance inside poll may drop the open transaction (_park_open_transaction)
                 polled = consumer.poll(
                     timeout_ms=self.settings.poll_timeout_ms,
                     max_records=self.settings.max_poll_records,
@@ -559,50 +559,42 @@ class StageWorker:
         except KafkaError as exc:
             self._abort(consumer, producer, txn, exc, began=began)
 
-    def _drop_open_transaction(self, revoked: list[TopicPartition]) -> None:
-        """A rebalance is taking ``revoked`` away while a transaction is open (its outputs
-        buffered, nothing sent yet): drop the transaction whole.
+    def _park_open_transaction(self) -> None:
+        """A rebalance begins while a transaction is open (outputs buffered, nothing sent):
+        hold it until the new assignment is known (``_settle_parked_transaction``)."""
+        if self._txn is not None and (self._txn.start or self._txn.buffer.items):
+            self._parked = self._txn
+        self._txn = None
 
-        Committed after the rebalance, its offsets would be accepted: KIP-447 fences a
+    def _settle_parked_transaction(self, assigned: list[TopicPartition]) -> None:
+        """Go on with the parked transaction if this worker got every one of its partitions
+        back (the consumer keeps a reassigned partition's position, so nothing of it is
+        read twice; a stage state decides positions itself, ``_resume``); otherwise drop it.
+
+        Committed after partitions moved, its offsets would be accepted: KIP-447 fences a
         member of an *old* generation, and this member commits with the new one, but the
         broker does not check that the partitions are still the member's. Their new owner
         has already resumed from the offsets committed before, so every record of the
         transaction from a moved partition would be output twice. Dropped, its records are
-        read again from where it started: by their new owner from the committed offsets,
-        by this worker from ``_rewind_dropped`` when it is given a partition back (the
-        consumer may keep the position of a partition it is reassigned)."""
-        txn = self._txn
-        if txn is None or not (txn.start or txn.buffer.items):
+        read again from where it started: by the new owner from the committed offsets, and
+        by this worker, whose kept partitions are rewound here."""
+        txn, self._parked = self._parked, None
+        if txn is None:
             return
-        self._txn = None
+        mine = set(assigned)
+        if set(txn.start) <= mine:
+            self._txn = txn
+            return
         self.stats.aborts += 1
-        self._dropped_starts.update(txn.start)
         log.warning(
-            "rebalance revoked %s during an open transaction: dropped its %d records (not "
+            "rebalance moved partitions of an open transaction: dropped its %d records (not "
             "sent); they are read again from where it started",
-            _names(revoked),
             txn.records,
         )
-        gone = set(revoked)
-        kept = sorted(tp for tp in txn.start if tp not in gone)
-        if kept:  # a cooperative rebalance keeps some partitions: rewind them now
-            self._rewind_dropped(kept)
-            self._forget_committed(kept)
-            if self.commit_state is not None:
-                self._unrestored.update(kept)
-            if self.state is not None:
-                self.state.on_revoked(kept)
-                self._resume(kept)
-
-    def _rewind_dropped(self, assigned: list[TopicPartition]) -> None:
-        """Seek the partitions of a dropped transaction that this worker owns to where the
-        transaction started; forget the rest (their owner resumes from committed offsets)."""
-        starts, self._dropped_starts = self._dropped_starts, {}
-        if self._consumer is None:
-            return
-        for tp in assigned:
-            if tp in starts:
-                self._consumer.seek(tp, starts[tp])
+        if self._consumer is not None:
+            for tp, offset in txn.start.items():
+                if tp in mine:
+                    self._consumer.seek(tp, offset)
 
     def _abort(
         self,
