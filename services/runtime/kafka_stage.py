@@ -63,6 +63,8 @@ from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.errors import KafkaError, ProducerFencedError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -151,12 +153,13 @@ class StageState(Protocol):
     pass-1 sketches). The loop calls it from its own thread only (rebalance callbacks run
     inside ``poll``). Contract:
 
-    - ``on_assigned(partitions)``: the worker now owns ``partitions`` (a rebalance, or a
-      rewind after an aborted transaction, following ``on_revoked``); load their state and
-      return the offset to resume each from. A partition left out resumes from the group's
-      committed offset.
+    - ``on_assigned(partitions)``: the worker now owns ``partitions`` (newly, or again after
+      a rewind that followed ``on_revoked``); load their state and return the offset to
+      resume each from. A partition left out resumes from the group's committed offset.
     - ``on_revoked(partitions)``: the worker no longer owns them (or rewinds them); forget
       their in-memory state. What was not checkpointed is re-read by the next owner.
+      A partition a rebalance gives back to the same worker gets neither call: its
+      in-memory state and position go on.
     - ``on_record(tp, offset)``: the next record handed to the processor comes from ``tp`` at
       ``offset`` (called for every record, dead-lettered ones included).
     - ``checkpoint(done)``: persist state covering every record handed over so far, before
@@ -209,7 +212,8 @@ def _names(partitions: Any) -> str:
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Rebalance callbacks: logged (which worker owns what is the first question when a
-    stage stalls), then the stage state, then seek to where it resumes."""
+    stage stalls), then handed to the worker, which settles its state and positions once
+    the new assignment is known (``StageWorker._on_assigned``)."""
 
     def __init__(self, worker: StageWorker) -> None:
         self.worker = worker
@@ -218,16 +222,17 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         if not revoked:
             return
         log.info("stage %s revoked: %s", self.worker.stage, _names(revoked))
-        self.worker._park_open_transaction()
-        if self.worker.state is not None:
-            self.worker.state.on_revoked(sorted(revoked))
-        self.worker._forget_committed(sorted(revoked))
+        self.worker._on_revoked(set(revoked))
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        if not lost:
+            return
+        log.warning("stage %s lost its group membership: %s", self.worker.stage, _names(lost))
+        self.worker._on_lost(set(lost))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("stage %s assigned: %s", self.worker.stage, _names(assigned) or "nothing")
-        self.worker._settle_parked_transaction(sorted(assigned))
-        if assigned:
-            self.worker._resume(sorted(assigned))
+        self.worker._on_assigned(set(assigned))
 
 
 def decision_digest(stage: str, version: str) -> str:
@@ -279,6 +284,8 @@ class StageWorker:
         """exactly_once: the open transaction (outputs buffered, nothing sent yet)."""
         self._parked: _Transaction | None = None
         """The open transaction while a rebalance decides whether it may go on."""
+        self._revoking: set[TopicPartition] = set()
+        """Partitions revoked by a rebalance whose new assignment is not known yet."""
 
     @property
     def exactly_once(self) -> bool:
@@ -323,6 +330,8 @@ class StageWorker:
                 session_timeout_ms=s.session_timeout_ms,
                 heartbeat_interval_ms=max(500, s.session_timeout_ms // 5),
                 max_poll_interval_ms=s.max_poll_interval_ms,
+                # eager assignors: the rebalance handling (_on_revoked) relies on it
+                partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
                 max_partition_fetch_bytes=fetch_bytes,
                 fetch_max_bytes=max(fetch_bytes, 50 * 1024 * 1024),
                 isolation_level="read_committed",
@@ -435,7 +444,7 @@ class StageWorker:
         clean = False
         try:
             while not self._stop.is_set():
-                # a rebalance inside poll may drop the open transaction (_park_open_transaction)
+                # a rebalance inside poll may drop the open transaction (_on_assigned)
                 polled = consumer.poll(
                     timeout_ms=self.settings.poll_timeout_ms,
                     max_records=self.settings.max_poll_records,
@@ -559,17 +568,41 @@ class StageWorker:
         except KafkaError as exc:
             self._abort(consumer, producer, txn, exc, began=began)
 
-    def _park_open_transaction(self) -> None:
-        """A rebalance begins while a transaction is open (outputs buffered, nothing sent):
-        hold it until the new assignment is known (``_settle_parked_transaction``)."""
+    # -- rebalances --------------------------------------------------------
+    # The consumer uses the eager protocol: a rebalance first revokes every partition
+    # (``_on_revoked``), then assigns the full new set (``_on_assigned``). kafka-python keeps
+    # the position of a partition in both, and no other member can have read it in between
+    # (one generation hands it out). So nothing is decided at revocation: a partition that
+    # comes back keeps its position, its stage and commit state and its share of the open
+    # transaction; only what moved away is forgotten. Eviction (``_on_lost``) is different:
+    # the positions are gone and the partitions may already be read by others.
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """A rebalance begins: hold the open transaction (outputs buffered, nothing sent)
+        and note what may leave; change nothing until the assignment is known."""
         if self._txn is not None and (self._txn.start or self._txn.buffer.items):
             self._parked = self._txn
         self._txn = None
+        self._revoking |= revoked
 
-    def _settle_parked_transaction(self, assigned: list[TopicPartition]) -> None:
-        """Go on with the parked transaction if this worker got every one of its partitions
-        back (the consumer keeps a reassigned partition's position, so nothing of it is
-        read twice; a stage state decides positions itself, ``_resume``); otherwise drop it.
+    def _on_lost(self, lost: set[TopicPartition]) -> None:
+        """Evicted from the group (a missed session or poll deadline): drop the open
+        transaction and forget every partition; whichever member owns them next, this one
+        included, resumes them from their committed offsets."""
+        txn = self._parked or self._txn
+        self._txn = self._parked = None
+        if txn is not None and (txn.start or txn.buffer.items):
+            self.stats.aborts += 1
+            log.warning(
+                "lost the group with an open transaction: dropped its %d records (not sent)",
+                txn.records,
+            )
+        gone, self._revoking = sorted(lost | self._revoking), set()
+        self._release(gone)
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """The new assignment is known. Partitions that moved away are forgotten; new ones
+        are loaded and positioned (``_resume``); kept ones go on untouched. The parked
+        transaction goes on if every one of its partitions was kept, else it is dropped.
 
         Committed after partitions moved, its offsets would be accepted: KIP-447 fences a
         member of an *old* generation, and this member commits with the new one, but the
@@ -577,24 +610,37 @@ class StageWorker:
         has already resumed from the offsets committed before, so every record of the
         transaction from a moved partition would be output twice. Dropped, its records are
         read again from where it started: by the new owner from the committed offsets, and
-        by this worker, whose kept partitions are rewound here."""
+        by this worker, whose kept partitions are rewound here (with their state)."""
+        kept = self._revoking & assigned
+        self._release(sorted(self._revoking - assigned))
+        self._revoking = set()
         txn, self._parked = self._parked, None
-        if txn is None:
-            return
-        mine = set(assigned)
-        if set(txn.start) <= mine:
+        rewound: set[TopicPartition] = set()
+        if txn is not None and set(txn.start) <= assigned:
             self._txn = txn
+        elif txn is not None:
+            self.stats.aborts += 1
+            log.warning(
+                "rebalance moved partitions of an open transaction: dropped its %d records "
+                "(not sent); they are read again from where it started",
+                txn.records,
+            )
+            rewound = set(txn.start) & kept
+            if self._consumer is not None:
+                for tp in rewound:
+                    self._consumer.seek(tp, txn.start[tp])
+            self._release(sorted(rewound))  # their states hold the dropped records
+        fresh = sorted((assigned - kept) | rewound)
+        if fresh:
+            self._resume(fresh)
+
+    def _release(self, partitions: list[TopicPartition]) -> None:
+        """Forget the stage and commit state of ``partitions`` (moved away, or rewound)."""
+        if not partitions:
             return
-        self.stats.aborts += 1
-        log.warning(
-            "rebalance moved partitions of an open transaction: dropped its %d records (not "
-            "sent); they are read again from where it started",
-            txn.records,
-        )
-        if self._consumer is not None:
-            for tp, offset in txn.start.items():
-                if tp in mine:
-                    self._consumer.seek(tp, offset)
+        if self.state is not None:
+            self.state.on_revoked(partitions)
+        self._forget_committed(partitions)
 
     def _abort(
         self,

@@ -32,7 +32,7 @@ from services.runtime.domain import Action, Sample
 from services.runtime.kafka_stage import ensure_topics, publish
 from services.runtime.metrics import StageMetrics
 from services.runtime.settings import KafkaSettings
-from tests.integration.kafka_util import decode_all, unique
+from tests.integration.kafka_util import decode_all, unique, wait_committed
 from tests.support.servers import Server
 from tests.unit.density.mixture import mixture
 
@@ -91,7 +91,6 @@ def _run_pass_1(
     topics: tuple[str, str, str],
     store_settings: StoreSettings,
     embedder: SentenceTransformerEmbedder,
-    expect: int,
     publish_all: Callable[[], None],
 ) -> list[DensityWorker]:
     store = SketchStore(store_settings)
@@ -120,11 +119,9 @@ def _run_pass_1(
     publish_all()
     # Stop them (as SIGTERM would) once the topic is drained: each publishes its part on
     # the way out. (Unattended, a worker stops after build_idle_timeout_s without input.)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if sum(w.stage_worker.stats.samples_in for w in workers) >= expect:
-            break
-        time.sleep(0.2)
+    # (Counting what the workers read is not enough: a transaction dropped in a rebalance
+    # is read again.)
+    wait_committed(bootstrap, group, topics[0], timeout_s=60)
     for w in workers:
         w.request_stop()
     for t in threads:
@@ -183,12 +180,10 @@ def test_two_pass_density_over_kafka_and_s3(
         publish(producer, topics[0], samples[300:], batch_size=40, batch_prefix="b")
         producer.close()
 
-    builders = _run_pass_1(
-        kafka_bootstrap, topics, store_settings, embedder, len(everything), publish_all
-    )
+    builders = _run_pass_1(kafka_bootstrap, topics, store_settings, embedder, publish_all)
     published = [w.published for w in builders]
     assert all(published), f"a pass-1 worker published nothing: {published}"
-    assert sum(w.stage_worker.stats.samples_in for w in builders) == len(everything)
+    assert sum(w.stage_worker.stats.samples_in for w in builders) >= len(everything)
 
     settings = _settings("two_pass_sample", kafka_bootstrap, topics, store_settings, "sample")
     core = DensityCore(settings, embedder=embedder)

@@ -192,14 +192,80 @@ def test_rebalance_callbacks_reach_the_state_and_seek(journal: Journal) -> None:
     worker._consumer = Consumer(journal)  # type: ignore[assignment]
     listener = _RebalanceListener(worker)
     listener.on_partitions_assigned({T1, T0})
-    listener.on_partitions_revoked({T1})
-    assert journal == [
-        ("assigned", (T0, T1)),
-        ("seek", T0, 12),
-        ("seek", T1, 0),
-        ("revoked", (T1,)),
-    ]
+    listener.on_partitions_revoked({T0, T1})  # eager: everything is revoked first
+    assert journal == [("assigned", (T0, T1)), ("seek", T0, 12), ("seek", T1, 0)]
+    listener.on_partitions_assigned({T0})
+    assert journal[3:] == [("revoked", (T1,))]  # decided once the assignment is known
     assert state.held == {T0: 12}
+
+
+def _open_transaction(worker: StageWorker, polled: dict[TopicPartition, list[Rec]]) -> None:
+    worker._txn = _Transaction(0.0)
+    worker._add_to_transaction(worker._txn, polled)
+
+
+def test_a_rebalance_that_gives_every_partition_back_changes_nothing(journal: Journal) -> None:
+    """The consumer keeps the positions of partitions it gets back; so does the worker keep
+    their state and its open transaction (reloading the state from its last checkpoint
+    would lose the transaction's records from it)."""
+    state = State(journal, {})
+    worker = _worker("exactly_once", state)
+    worker._consumer = Consumer(journal)  # type: ignore[assignment]
+    listener = _RebalanceListener(worker)
+    listener.on_partitions_assigned({T0, T1})
+    _open_transaction(worker, {T0: _records(T0, range(0, 3))})
+    txn = worker._txn
+    journal.clear()
+    listener.on_partitions_revoked({T0, T1})
+    assert worker._txn is None  # held while the group decides
+    listener.on_partitions_assigned({T0, T1})
+    assert journal == []
+    assert worker._txn is txn and worker.stats.aborts == 0
+    assert state.held == {T0: 3, T1: 0}
+
+
+def test_a_rebalance_that_moves_a_partition_drops_the_transaction(journal: Journal) -> None:
+    """T1 moved: the transaction is dropped (nothing of it was sent); T1 is forgotten and
+    T0, kept, is rewound to where the state resumes it, since its state holds the dropped
+    records."""
+    state = State(journal, {T0: 2})
+    worker = _worker("exactly_once", state)
+    worker._consumer = Consumer(journal)  # type: ignore[assignment]
+    listener = _RebalanceListener(worker)
+    listener.on_partitions_assigned({T0, T1})
+    _open_transaction(worker, {T0: _records(T0, range(2, 5)), T1: _records(T1, range(0, 4))})
+    journal.clear()
+    listener.on_partitions_revoked({T0, T1})
+    listener.on_partitions_assigned({T0})
+    assert worker._txn is None and worker.stats.aborts == 1
+    assert journal == [
+        ("revoked", (T1,)),
+        ("seek", T0, 2),  # the transaction's start
+        ("revoked", (T0,)),
+        ("assigned", (T0,)),
+        ("seek", T0, 2),  # the state's last checkpoint
+    ]
+    assert state.held == {T0: 2}
+
+
+def test_losing_the_group_forgets_everything_and_drops_the_transaction(
+    journal: Journal,
+) -> None:
+    """Evicted, the worker's positions are reset: a transaction kept across the rejoin would
+    be read again on top of itself."""
+    state = State(journal, {})
+    worker = _worker("exactly_once", state)
+    worker._consumer = Consumer(journal)  # type: ignore[assignment]
+    listener = _RebalanceListener(worker)
+    listener.on_partitions_assigned({T0, T1})
+    _open_transaction(worker, {T0: _records(T0, range(0, 3))})
+    journal.clear()
+    listener.on_partitions_lost({T0, T1})
+    assert worker._txn is None and worker.stats.aborts == 1
+    assert journal == [("revoked", (T0, T1))]
+    listener.on_partitions_assigned({T0, T1})  # the rejoin: both loaded afresh
+    assert journal[1:] == [("assigned", (T0, T1)), ("seek", T0, 0), ("seek", T1, 0)]
+    assert worker._txn is None
 
 
 def test_a_stateless_worker_subscribes_without_a_listener() -> None:
