@@ -374,17 +374,8 @@ class StageWorker:
         the subscription's metadata refresh, so the wait gives up after
         ``_TOPIC_WAIT_S`` and subscribes anyway.
         """
-        deadline = time.monotonic() + _TOPIC_WAIT_S
-        try:
-            while not consumer.partitions_for_topic(topic):
-                if self._stop.is_set() or time.monotonic() >= deadline:
-                    log.warning("input topic %s not in metadata yet; subscribing anyway", topic)
-                    return
-                log.info("waiting for topic %s", topic)
-                time.sleep(0.5)
-                consumer.topics()  # refresh metadata
-        except KafkaError as exc:
-            raise Unavailable(f"cannot read metadata for topic {topic}: {exc}") from exc
+        if not await_partitions(consumer, topic, self._stop, timeout_s=_TOPIC_WAIT_S):
+            log.warning("input topic %s not in metadata yet; subscribing anyway", topic)
 
     def _resume(self, partitions: list[TopicPartition]) -> None:
         """Seek ``partitions`` to where the stage state resumes them (it loads them first);
@@ -784,6 +775,30 @@ class StageWorker:
             value = original[: max(0, room)]
             headers.append((H_DLQ_TRUNCATED, b"true"))
         return producer.send(self.settings.dead_letter_topic, value=value, key=key, headers=headers)
+
+
+def await_partitions(
+    consumer: KafkaConsumer,
+    topic: str,
+    stop: threading.Event,
+    *,
+    timeout_s: float | None = None,
+    interval_s: float = 0.5,
+) -> set[int]:
+    """``topic``'s partition ids once ``consumer``'s metadata lists it, refreshing every
+    ``interval_s``; empty if ``stop`` is set or ``timeout_s`` passes first (None: no limit).
+    Raises Unavailable if the metadata cannot be read."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while not (parts := consumer.partitions_for_topic(topic)):
+            if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                return set()
+            log.info("waiting for topic %s", topic)
+            stop.wait(interval_s)
+            consumer.topics()  # refresh metadata
+    except KafkaError as exc:
+        raise Unavailable(f"cannot read metadata for topic {topic}: {exc}") from exc
+    return set(parts)
 
 
 def record_lag(metrics: StageMetrics, stage: str, consumer: KafkaConsumer) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from services.runtime.codec import BatchCodec
 from services.runtime.errors import SluiceError, Unavailable
-from services.runtime.kafka_stage import record_lag
+from services.runtime.kafka_stage import await_partitions, record_lag
 from services.runtime.metrics import StageMetrics
 from services.runtime.stage import StageCore
 from services.sink.core import Manifest
@@ -81,16 +80,9 @@ class SinkWorker:
         s = self.settings
         out: list[TopicPartition] = []
         for topic in self._topics():
-            parts = consumer.partitions_for_topic(topic)
-            while not parts and not self._stop.is_set():
-                log.info("waiting for topic %s", topic)
-                time.sleep(1.0)
-                consumer.topics()  # refresh metadata
-                parts = consumer.partitions_for_topic(topic)
+            parts = await_partitions(consumer, topic, self._stop, interval_s=1.0)
             out += [
-                TopicPartition(topic, p)
-                for p in sorted(parts or ())
-                if p % s.replicas == s.replica_index
+                TopicPartition(topic, p) for p in sorted(parts) if p % s.replicas == s.replica_index
             ]
         return out
 
