@@ -16,24 +16,14 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
-from services.runtime.domain import Outcome, Sample
+from services.runtime.domain import Sample
 from services.runtime.kafka_stage import StageWorker, ensure_topics, publish
 from services.runtime.metrics import StageMetrics
 from services.runtime.settings import KafkaSettings
 from tests.integration.kafka_util import decode_all, read_topic, unique, wait_committed
+from tests.support.stages import KeepAll
 
 pytestmark = pytest.mark.integration
-
-
-class KeepAll:
-    model_version = "keep-1"
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-        self.steps = ["keep"]
-
-    def process(self, samples: list[Sample]) -> list[Outcome]:
-        return [Outcome(s, kept=True) for s in samples]
 
 
 class CountingState:

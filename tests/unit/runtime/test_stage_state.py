@@ -13,10 +13,11 @@ from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from services.runtime.codec import BatchCodec
-from services.runtime.domain import Outcome, Sample
+from services.runtime.domain import Sample
 from services.runtime.kafka_stage import StageWorker, _RebalanceListener, _Transaction
 from services.runtime.metrics import StageMetrics
 from services.runtime.settings import KafkaSettings
+from tests.support.stages import KeepAll
 
 T0, T1 = TopicPartition("in", 0), TopicPartition("in", 1)
 
@@ -108,17 +109,6 @@ class Producer:
         self.journal.append(("txn-abort",))
 
 
-class KeepAll:
-    model_version = "keep-1"
-
-    def __init__(self) -> None:
-        self.signals: list[str] = []
-        self.steps = ["keep"]
-
-    def process(self, samples: list[Sample]) -> list[Outcome]:
-        return [Outcome(s, kept=True) for s in samples]
-
-
 def _records(tp: TopicPartition, offsets: range) -> list[Rec]:
     out = []
     for off in offsets:
@@ -204,15 +194,24 @@ def _open_transaction(worker: StageWorker, polled: dict[TopicPartition, list[Rec
     worker._add_to_transaction(worker._txn, polled)
 
 
-def test_a_rebalance_that_gives_every_partition_back_changes_nothing(journal: Journal) -> None:
-    """The consumer keeps the positions of partitions it gets back; so does the worker keep
-    their state and its open transaction (reloading the state from its last checkpoint
-    would lose the transaction's records from it)."""
-    state = State(journal, {})
+def _owning_both(
+    journal: Journal, saved: dict[TopicPartition, int]
+) -> tuple[State, StageWorker, _RebalanceListener]:
+    """An exactly_once worker that was assigned T0 and T1 (journal cleared after)."""
+    state = State(journal, saved)
     worker = _worker("exactly_once", state)
     worker._consumer = Consumer(journal)  # type: ignore[assignment]
     listener = _RebalanceListener(worker)
     listener.on_partitions_assigned({T0, T1})
+    journal.clear()
+    return state, worker, listener
+
+
+def test_a_rebalance_that_gives_every_partition_back_changes_nothing(journal: Journal) -> None:
+    """The consumer keeps the positions of partitions it gets back; so does the worker keep
+    their state and its open transaction (reloading the state from its last checkpoint
+    would lose the transaction's records from it)."""
+    state, worker, listener = _owning_both(journal, {})
     _open_transaction(worker, {T0: _records(T0, range(0, 3))})
     txn = worker._txn
     journal.clear()
@@ -228,11 +227,7 @@ def test_a_rebalance_that_moves_a_partition_drops_the_transaction(journal: Journ
     """T1 moved: the transaction is dropped (nothing of it was sent); T1 is forgotten and
     T0, kept, is rewound to where the state resumes it, since its state holds the dropped
     records."""
-    state = State(journal, {T0: 2})
-    worker = _worker("exactly_once", state)
-    worker._consumer = Consumer(journal)  # type: ignore[assignment]
-    listener = _RebalanceListener(worker)
-    listener.on_partitions_assigned({T0, T1})
+    state, worker, listener = _owning_both(journal, {T0: 2})
     _open_transaction(worker, {T0: _records(T0, range(2, 5)), T1: _records(T1, range(0, 4))})
     journal.clear()
     listener.on_partitions_revoked({T0, T1})
@@ -253,11 +248,7 @@ def test_losing_the_group_forgets_everything_and_drops_the_transaction(
 ) -> None:
     """Evicted, the worker's positions are reset: a transaction kept across the rejoin would
     be read again on top of itself."""
-    state = State(journal, {})
-    worker = _worker("exactly_once", state)
-    worker._consumer = Consumer(journal)  # type: ignore[assignment]
-    listener = _RebalanceListener(worker)
-    listener.on_partitions_assigned({T0, T1})
+    _, worker, listener = _owning_both(journal, {})
     _open_transaction(worker, {T0: _records(T0, range(0, 3))})
     journal.clear()
     listener.on_partitions_lost({T0, T1})
