@@ -28,7 +28,7 @@ from kafka.admin import NewTopic
 
 from services.runtime.kafka_stage import ensure_topics
 from tests.integration.kafka_util import unique
-from tests.support.kafka_broker import KafkaCluster
+from tests.support.kafka_broker import KafkaCluster, _cluster_id
 
 pytestmark = pytest.mark.integration
 
@@ -215,3 +215,11 @@ def test_cluster_runs_three_brokers_and_a_controller_quorum(kafka_cluster: Kafka
         assert {b["broker_id"] for b in admin.describe_cluster()["brokers"]} == {1, 2, 3}
     finally:
         admin.close()
+
+
+def test_cluster_ids_never_start_with_a_dash() -> None:
+    """`kafka-storage format --cluster-id -xyz` reads the id as an option: 1 in 64 random
+    ids would fail a cluster's start (it did, in a fresh-clone run)."""
+    ids = {_cluster_id() for _ in range(5000)}
+    assert len(ids) == 5000
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)

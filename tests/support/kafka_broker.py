@@ -276,7 +276,7 @@ class KafkaCluster:
             )
         root = root or Path(tempfile.mkdtemp(prefix="sluice-kafka-"))
         heap = heap or ("1g" if brokers == 1 else "512m")
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = _cluster_id()
         ports = [(port if (port and i == 0) else free_port(), free_port()) for i in range(brokers)]
         voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
         rf = min(3, brokers)
@@ -429,6 +429,15 @@ def _security_config(tls: TlsFiles, password: str) -> dict[str, str]:
     }
 
 
+def _cluster_id() -> str:
+    """A random cluster id as Kafka's ``Uuid.randomUuid`` makes one: URL-safe base64 of 16
+    random bytes, never starting with '-' (1 in 64 would, and a command line would read it as
+    an option)."""
+    while (cid := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))[0] == "-":
+        pass
+    return cid
+
+
 def _format(nodes: list[KafkaNode], cluster_id: str, scram: list[str]) -> None:
     """``kafka-storage format`` for every node at once (static quorum: no --standalone);
     ``scram`` credentials (``MECHANISM=[name=..,password=..]``) are written into the initial
@@ -444,8 +453,7 @@ def _format(nodes: list[KafkaNode], cluster_id: str, scram: list[str]) -> None:
             f"{libs_dir()}/*",
             "kafka.tools.StorageTool",
             "format",
-            "--cluster-id",
-            cluster_id,
+            f"--cluster-id={cluster_id}",
             "--config",
             str(node.config),
             *(a for cred in scram for a in ("--add-scram", cred)),
