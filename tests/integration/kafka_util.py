@@ -6,8 +6,9 @@ import time
 import uuid
 
 from kafka import KafkaConsumer
-from kafka.structs import TopicPartition
 
+from operators.lag import KafkaLagSource
+from operators.settings import LagClientSettings
 from services.runtime.codec import BatchCodec, DecodedBatch
 
 
@@ -61,23 +62,15 @@ def decode_all(records: list) -> list[DecodedBatch]:  # type: ignore[type-arg]
 
 def wait_committed(bootstrap: str, group: str, topic: str, *, timeout_s: float = 60) -> None:
     """Wait until consumer group ``group`` has committed every partition of ``topic`` up to
-    its end: the stage has handled all of it (what it read twice after a rewind included).
-    Raises AssertionError with what is left if that takes longer than ``timeout_s``."""
-    # A consumer that never subscribes does not join the group: it only reads its offsets.
-    reader = KafkaConsumer(
-        bootstrap_servers=bootstrap.split(","), group_id=group, enable_auto_commit=False
-    )
+    its end (the operator's lag reading is 0): the stage has handled all of it, what it
+    read twice after a rewind included. Raises AssertionError with the lag left if that
+    takes longer than ``timeout_s``."""
+    source = KafkaLagSource(LagClientSettings())
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
-        ends = reader.end_offsets(parts)
-        left: dict[TopicPartition, int] = {}
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            done = {tp: reader.committed(tp) or 0 for tp in parts}
-            left = {tp: end - done[tp] for tp, end in ends.items() if done[tp] < end}
-            if not left:
-                return
+        while (lag := source.read(bootstrap, topic, group).lag) > 0:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"group {group} left {lag} records of {topic} uncommitted")
             time.sleep(0.2)
-        raise AssertionError(f"group {group} did not commit {topic} to its end: left {left}")
     finally:
-        reader.close(autocommit=False)
+        source.close()
