@@ -142,6 +142,11 @@ class _Transaction:
     records: int = 0
     buffer: _SendBuffer = field(default_factory=_SendBuffer)
 
+    @property
+    def empty(self) -> bool:
+        """Nothing read into it and nothing to send."""
+        return not self.start and not self.buffer.items
+
     def due(self, settings: KafkaSettings) -> bool:
         return (time.monotonic() - self.opened_at) * 1000 >= settings.transaction_interval_ms or (
             self.buffer.bytes >= settings.transaction_max_bytes
@@ -570,7 +575,7 @@ class StageWorker:
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         """A rebalance begins: hold the open transaction (outputs buffered, nothing sent)
         and note what may leave; change nothing until the assignment is known."""
-        if self._txn is not None and (self._txn.start or self._txn.buffer.items):
+        if self._txn is not None and not self._txn.empty:
             self._parked = self._txn
         self._txn = None
         self._revoking |= revoked
@@ -581,7 +586,7 @@ class StageWorker:
         included, resumes them from their committed offsets."""
         txn = self._parked or self._txn
         self._txn = self._parked = None
-        if txn is not None and (txn.start or txn.buffer.items):
+        if txn is not None and not txn.empty:
             self.stats.aborts += 1
             log.warning(
                 "lost the group with an open transaction: dropped its %d records (not sent)",
@@ -606,7 +611,6 @@ class StageWorker:
         self._release(sorted(self._revoking - assigned))
         self._revoking = set()
         txn, self._parked = self._parked, None
-        rewound: set[TopicPartition] = set()
         if txn is not None and set(txn.start) <= assigned:
             self._txn = txn
         elif txn is not None:
@@ -616,14 +620,23 @@ class StageWorker:
                 "(not sent); they are read again from where it started",
                 txn.records,
             )
-            rewound = set(txn.start) & kept
-            if self._consumer is not None:
-                for tp in rewound:
-                    self._consumer.seek(tp, txn.start[tp])
-            self._release(sorted(rewound))  # their states hold the dropped records
-        fresh = sorted((assigned - kept) | rewound)
+            self._rewind(txn, sorted(set(txn.start) & kept))
+        fresh = sorted(assigned - kept)
         if fresh:
             self._resume(fresh)
+
+    def _rewind(self, txn: _Transaction, partitions: list[TopicPartition]) -> None:
+        """Rewind ``partitions`` to where ``txn`` started them, and reload their stage and
+        commit state, which hold records of ``txn``. A stage state, not the transaction's
+        start, then says where its partitions resume (it may have checkpointed them)."""
+        if not partitions:
+            return
+        if self._consumer is not None:
+            for tp in partitions:
+                if tp in txn.start:
+                    self._consumer.seek(tp, txn.start[tp])
+        self._release(partitions)
+        self._resume(partitions)
 
     def _release(self, partitions: list[TopicPartition]) -> None:
         """Forget the stage and commit state of ``partitions`` (moved away, or rewound)."""
@@ -652,20 +665,9 @@ class StageWorker:
         except KafkaError as again:
             # The producer is unusable; exit so a restart resumes from committed offsets.
             raise Unavailable(f"cannot abort transaction: {again}") from again
-        assigned = consumer.assignment()
-        for tp, offset in txn.start.items():
-            if tp in assigned:
-                consumer.seek(tp, offset)
-        # The commit state holds the aborted records: restore it from the last commit.
-        rewound = sorted(tp for tp in txn.start if tp in assigned)
-        self._forget_committed(rewound)
-        if self.commit_state is not None:
-            self._unrestored.update(rewound)
-        if self.state is not None and assigned:
-            # The state may hold (and have checkpointed) records of the aborted
-            # transaction: it, not the transaction's start, says where to resume.
-            self.state.on_revoked(sorted(assigned))
-            self._resume(sorted(assigned))
+        assigned = set(consumer.assignment())
+        # A stage state checkpointed every partition it holds just before the commit.
+        self._rewind(txn, sorted(assigned if self.state is not None else assigned & set(txn.start)))
 
     def _handle_record(self, producer: KafkaProducer | _SendBuffer, rec: Any) -> list[Any]:
         s = self.settings
