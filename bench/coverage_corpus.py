@@ -1,4 +1,4 @@
-"""The coverage benchmark's corpus: real text of six domains, from files that ship in packages.
+"""The coverage benchmark's corpus: real text of seven domains, from files that ship in packages.
 
 No dataset can be downloaded here, so every domain is text already installed with this
 project's dependencies or Python itself. Domain sizes are skewed on purpose (from ~1,200
@@ -8,6 +8,8 @@ paragraphs down to ~20 sentences), like a crawl where a few sources dominate:
   ``METADATA`` of every ``*.dist-info``), code-like paragraphs left out.
 - ``python-reference``: the Python language reference (``pydoc_data.topics``, stdlib).
 - ``news``: the Lee news corpus gensim ships (the ``sluice demo`` corpus's real text).
+- ``dialogue``: the English conversations of ``chatterbot-corpus`` (question-answer pairs
+  and short chats: tech support, trivia, coding, small talk), one conversation per text.
 - ``movie-reviews``: Pang & Lee polarity sentences (gensim test data), labels stripped.
 - ``licences``: paragraphs of the installed packages' licence files (a fixed subset).
 - ``russian-fiction``: sentences of the opening of Crime and Punishment (gensim test data).
@@ -108,6 +110,21 @@ def licences(limit: int = 60, seed: int = 0) -> list[str]:
     return sorted(unique[:limit])
 
 
+def dialogue() -> list[str]:
+    """The English conversations of chatterbot-corpus, turns joined, one text each."""
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("bench.coverage needs chatterbot-corpus (a project dependency)")
+    texts = []
+    for f in sorted((Path(spec.origin).parent / "data" / "english").glob("*.yml")):
+        doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        for turns in doc.get("conversations") or []:
+            texts.append(" ".join(" ".join(str(t).split()) for t in turns))
+    return _unique([t for t in texts if t])
+
+
 def russian_fiction() -> list[str]:
     text = _gensim_file("crime-and-punishment.txt").read_text(encoding="utf-8")
     flat = " ".join(text.split())
@@ -118,6 +135,7 @@ DOMAINS = {
     "package-docs": package_docs,
     "python-reference": python_reference,
     "news": news,
+    "dialogue": dialogue,
     "movie-reviews": movie_reviews,
     "licences": licences,
     "russian-fiction": russian_fiction,
