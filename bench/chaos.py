@@ -50,7 +50,7 @@ from kafka.admin import NewTopic
 
 from services.runtime.codec import BatchCodec
 from services.runtime.domain import Sample
-from services.runtime.kafka_stage import H_DLQ_REASON, StageWorker, publish
+from services.runtime.kafka_stage import H_DLQ_REASON, StageWorker, poll_records, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 4
@@ -241,7 +241,7 @@ def read_committed(bootstrap: str, topics: list[str], quiet_s: float = 3.0) -> l
     try:
         last = time.monotonic()
         while time.monotonic() - last < quiet_s:
-            for recs in consumer.poll(timeout_ms=300).values():
+            for recs in poll_records(consumer, timeout_ms=300).values():
                 out.extend(recs)
                 last = time.monotonic()
     finally:

@@ -65,7 +65,12 @@ from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, Ka
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from kafka.errors import KafkaError, ProducerFencedError, TopicAlreadyExistsError
+from kafka.errors import (
+    KafkaError,
+    ProducerFencedError,
+    TopicAlreadyExistsError,
+    UnknownBrokerIdError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from services.runtime.codec import BatchCodec, Headers
@@ -441,7 +446,9 @@ class StageWorker:
         try:
             while not self._stop.is_set():
                 # a rebalance inside poll may drop the open transaction (_on_assigned)
-                polled = consumer.poll(
+                polled = poll_records(
+                    consumer,
+                    self._stop,
                     timeout_ms=self.settings.poll_timeout_ms,
                     max_records=self.settings.max_poll_records,
                 )
@@ -777,6 +784,54 @@ class StageWorker:
             value = original[: max(0, room)]
             headers.append((H_DLQ_TRUNCATED, b"true"))
         return producer.send(self.settings.dead_letter_topic, value=value, key=key, headers=headers)
+
+
+POLL_ERROR_PATIENCE_S = 60.0
+"""How long a consumer's polls may keep failing with transient broker errors (a broker
+restarting, a leader moving) before the worker gives up with Unavailable."""
+POLL_ERROR_PAUSE_S = 0.5
+"""Pause between a poll that failed with a transient broker error and the next."""
+
+
+def transient(exc: KafkaError) -> bool:
+    """A broker error that passes on its own: kafka-python's retriable errors, and an unknown
+    broker id (partition metadata names a leader the client's broker list does not have yet,
+    a race while a broker restarts, which kafka-python 3 raises from ``poll`` as if fatal)."""
+    return bool(getattr(exc, "retriable", False)) or isinstance(exc, UnknownBrokerIdError)
+
+
+def poll_records(
+    consumer: KafkaConsumer,
+    stop: threading.Event | None = None,
+    *,
+    timeout_ms: int,
+    max_records: int | None = None,
+    patience_s: float = POLL_ERROR_PATIENCE_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[TopicPartition, list[Any]]:
+    """``consumer.poll``, riding out transient broker errors (``transient``): a failed poll
+    returned no records and moved no position, so it is tried again after
+    ``POLL_ERROR_PAUSE_S``. Empty if ``stop`` is set while waiting; Unavailable once polls
+    have failed for ``patience_s``. Other errors propagate as they are."""
+    failing_since: float | None = None
+    while True:
+        try:
+            polled: dict[TopicPartition, list[Any]] = consumer.poll(
+                timeout_ms=timeout_ms, max_records=max_records
+            )
+            return polled
+        except KafkaError as exc:
+            if not transient(exc):
+                raise
+            now = clock()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since >= patience_s:
+                raise Unavailable(
+                    f"polls kept failing for {now - failing_since:.0f} s: {exc}"
+                ) from exc
+            log.warning("poll failed (%s): trying again", exc)
+            if (stop or threading.Event()).wait(POLL_ERROR_PAUSE_S):
+                return {}
 
 
 def await_partitions(

@@ -34,7 +34,7 @@ from services.runtime.codec import BatchCodec
 from services.runtime.domain import Action, Sample
 from services.runtime.errors import ConfigError, InvalidArgument, SluiceError
 from services.runtime.evaluation import roc_auc, spearman
-from services.runtime.kafka_stage import decision_digest
+from services.runtime.kafka_stage import decision_digest, poll_records
 from services.runtime.settings import KafkaSettings
 from services.runtime.stage import StageCore
 
@@ -121,7 +121,7 @@ def read_range(
             consumer.seek(tp, lo[tp])
         idle = 0
         while todo and idle < 30:
-            polled = consumer.poll(timeout_ms=poll_timeout_ms)
+            polled = poll_records(consumer, timeout_ms=poll_timeout_ms)
             idle = 0 if polled else idle + 1
             for tp, records in polled.items():
                 for rec in records:

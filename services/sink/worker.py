@@ -27,7 +27,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from services.runtime.codec import BatchCodec
 from services.runtime.errors import SluiceError, Unavailable
-from services.runtime.kafka_stage import await_partitions, record_lag
+from services.runtime.kafka_stage import await_partitions, poll_records, record_lag
 from services.runtime.metrics import StageMetrics
 from services.runtime.stage import StageCore
 from services.sink.core import Manifest
@@ -120,7 +120,9 @@ class SinkWorker:
                 "sink %s owns %d partitions; resuming %s", self.writer.writer, len(tps), resume
             )
             while not self._stop.is_set():
-                polled = consumer.poll(timeout_ms=self.settings.kafka.poll_timeout_ms)
+                polled = poll_records(
+                    consumer, self._stop, timeout_ms=self.settings.kafka.poll_timeout_ms
+                )
                 record_lag(self.metrics, STAGE, consumer)
                 for tp, records in polled.items():
                     for rec in records:
