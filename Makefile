@@ -33,10 +33,12 @@ demo: install
 
 # Two pytest workers, each with its own brokers and servers (a test file stays on one
 # worker): about 12 instead of 16 minutes on 2 cores. PYTEST_WORKERS=0 runs in one process.
+# Files run longest first, by tests/durations.json (tests/support/durations.py);
+# SLUICE_STORE_TEST_DURATIONS=1 make test rewrites it from the run.
 PYTEST_WORKERS ?= 2
 
 test: install lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 unit: install
 	$(PY) -m pytest tests/unit

@@ -27,10 +27,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tests.support import durations
 from tests.support.kafka_broker import KafkaCluster
 from tests.support.servers import Server, start_moto, start_redis, start_tansu
 
 BROKERS = ("kafka", "tansu", "external")
+_RECORDER = durations.Recorder()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest test files first (tests/support/durations.py)."""
+    durations.order(items, durations.load())
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _RECORDER.add(report)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the xdist controller (or no xdist)
+        _RECORDER.store()
 
 
 def broker_kind() -> str:
