@@ -19,21 +19,13 @@ from kafka.errors import (
 from kafka.structs import TopicPartition
 
 from services.runtime import kafka_stage
-from services.runtime.codec import BatchCodec
-from services.runtime.domain import Sample
 from services.runtime.errors import Unavailable
 from services.runtime.kafka_stage import StageWorker, poll_records, transient
 from services.runtime.metrics import StageMetrics
 from services.runtime.settings import KafkaSettings
-from tests.support.stages import KeepAll
+from tests.support.stages import KeepAll, records
 
 T0 = TopicPartition("in", 0)
-
-
-class Rec:
-    def __init__(self, offset: int) -> None:
-        self.topic, self.partition, self.offset, self.key = T0.topic, T0.partition, offset, None
-        self.value, self.headers = BatchCodec().encode([Sample(id=f"s{offset}", text="x")], "t")
 
 
 class FlakyConsumer:
@@ -93,7 +85,7 @@ def test_transient_errors_are_the_retriable_ones_and_an_unknown_broker_id() -> N
 
 
 def test_a_poll_rides_out_transient_errors() -> None:
-    batch = {T0: [Rec(0)]}
+    batch = {T0: records(T0, range(1))}
     consumer = FlakyConsumer([UnknownBrokerIdError(3), NodeNotReadyError(3)], [batch])
     assert poll_records(consumer, timeout_ms=10) == batch  # type: ignore[arg-type]
     assert consumer.polls == 3
@@ -122,7 +114,7 @@ def test_errors_that_last_past_the_patience_make_the_worker_unavailable() -> Non
 def test_a_stop_request_ends_the_wait_between_failed_polls() -> None:
     stop = threading.Event()
     stop.set()
-    consumer = FlakyConsumer([UnknownBrokerIdError(3)], [{T0: [Rec(0)]}])
+    consumer = FlakyConsumer([UnknownBrokerIdError(3)], [{T0: records(T0, range(1))}])
     assert poll_records(consumer, stop, timeout_ms=10) == {}  # type: ignore[arg-type]
     assert consumer.polls == 1
 
@@ -133,7 +125,7 @@ def test_the_worker_loop_goes_on_after_a_transient_poll_error(
     kafka = KafkaSettings(input_topic="in", output_topic="", processing_guarantee="at_least_once")
     worker = StageWorker(KeepAll(), kafka, StageMetrics("unit"), stage="unit")
     consumer = FlakyConsumer(
-        [UnknownBrokerIdError(3)], [{T0: [Rec(0), Rec(1)]}], when_drained=worker.request_stop
+        [UnknownBrokerIdError(3)], [{T0: records(T0, range(2))}], when_drained=worker.request_stop
     )
     monkeypatch.setattr(worker, "_connect", lambda: (consumer, Producer()))
     stats = worker.run()

@@ -5,31 +5,18 @@ guarantees, and decides where a partition resumes on assignment and after an abo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from services.runtime.codec import BatchCodec
-from services.runtime.domain import Sample
 from services.runtime.kafka_stage import StageWorker, _RebalanceListener, _Transaction
 from services.runtime.metrics import StageMetrics
 from services.runtime.settings import KafkaSettings
-from tests.support.stages import KeepAll
+from tests.support.stages import KeepAll, Rec, records
 
 T0, T1 = TopicPartition("in", 0), TopicPartition("in", 1)
-
-
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    value: bytes
-    headers: list[tuple[str, bytes]]
-    key: bytes | None = None
 
 
 class Journal(list[tuple[Any, ...]]):
@@ -109,14 +96,6 @@ class Producer:
         self.journal.append(("txn-abort",))
 
 
-def _records(tp: TopicPartition, offsets: range) -> list[Rec]:
-    out = []
-    for off in offsets:
-        value, headers = BatchCodec().encode([Sample(id=f"{tp.partition}-{off}", text="x")], "t")
-        out.append(Rec(tp.topic, tp.partition, off, value, headers))
-    return out
-
-
 @pytest.fixture
 def journal() -> Iterator[Journal]:
     yield Journal()
@@ -130,7 +109,7 @@ def _worker(guarantee: str, state: State) -> StageWorker:
 def test_at_least_once_checkpoints_before_it_commits(journal: Journal) -> None:
     state = State(journal, {})
     worker = _worker("at_least_once", state)
-    polled = {T0: _records(T0, range(3, 5)), T1: _records(T1, range(0, 1))}
+    polled = {T0: records(T0, range(3, 5)), T1: records(T1, range(0, 1))}
     worker._handle_poll(Consumer(journal), Producer(journal), polled)  # type: ignore[arg-type]
     assert journal == [
         ("record", T0, 3),
@@ -147,7 +126,7 @@ def test_exactly_once_checkpoints_before_the_transaction_commits(journal: Journa
     worker = _worker("exactly_once", state)
     consumer, producer = Consumer(journal), Producer(journal)
     txn = _Transaction(0.0)
-    worker._add_to_transaction(txn, {T1: _records(T1, range(7, 9))})
+    worker._add_to_transaction(txn, {T1: records(T1, range(7, 9))})
     worker._commit_transaction(consumer, producer, txn)  # type: ignore[arg-type]
     assert journal == [
         ("record", T1, 7),
@@ -167,7 +146,7 @@ def test_an_aborted_transaction_resumes_where_the_state_says(journal: Journal) -
     consumer, producer = Consumer(journal), Producer(journal, fail_offsets=True)
     txn = _Transaction(0.0)
     worker._consumer = consumer  # type: ignore[assignment]
-    worker._add_to_transaction(txn, {T1: _records(T1, range(7, 9))})
+    worker._add_to_transaction(txn, {T1: records(T1, range(7, 9))})
     journal.clear()
     worker._commit_transaction(consumer, producer, txn)  # type: ignore[arg-type]
     assert journal[:3] == [("checkpoint", {T1: 9}), ("txn-begin",), ("txn-abort",)]
@@ -212,7 +191,7 @@ def test_a_rebalance_that_gives_every_partition_back_changes_nothing(journal: Jo
     their state and its open transaction (reloading the state from its last checkpoint
     would lose the transaction's records from it)."""
     state, worker, listener = _owning_both(journal, {})
-    _open_transaction(worker, {T0: _records(T0, range(0, 3))})
+    _open_transaction(worker, {T0: records(T0, range(0, 3))})
     txn = worker._txn
     journal.clear()
     listener.on_partitions_revoked({T0, T1})
@@ -228,7 +207,7 @@ def test_a_rebalance_that_moves_a_partition_drops_the_transaction(journal: Journ
     T0, kept, is rewound to where the state resumes it, since its state holds the dropped
     records."""
     state, worker, listener = _owning_both(journal, {T0: 2})
-    _open_transaction(worker, {T0: _records(T0, range(2, 5)), T1: _records(T1, range(0, 4))})
+    _open_transaction(worker, {T0: records(T0, range(2, 5)), T1: records(T1, range(0, 4))})
     journal.clear()
     listener.on_partitions_revoked({T0, T1})
     listener.on_partitions_assigned({T0})
@@ -249,7 +228,7 @@ def test_losing_the_group_forgets_everything_and_drops_the_transaction(
     """Evicted, the worker's positions are reset: a transaction kept across the rejoin would
     be read again on top of itself."""
     _, worker, listener = _owning_both(journal, {})
-    _open_transaction(worker, {T0: _records(T0, range(0, 3))})
+    _open_transaction(worker, {T0: records(T0, range(0, 3))})
     journal.clear()
     listener.on_partitions_lost({T0, T1})
     assert worker._txn is None and worker.stats.aborts == 1
